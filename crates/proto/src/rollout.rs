@@ -1,0 +1,268 @@
+//! What the coordinator says about a rollout: the state block and the deployment report.
+
+use std::collections::BTreeMap;
+use std::fmt::{self, Write as _};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::frame::{Kind, Message};
+use crate::ids::{DeviceId, RolloutId};
+use crate::release::StrategyKind;
+use crate::time::UnixMillis;
+
+/// The lifecycle phase (PRODUCT.md, "Lifecycle").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Phase {
+    /// Checking the pre-deployment checklist; also where a halted rollout returns.
+    Prepare,
+    Validate,
+    Canary,
+    /// The canary gate is being judged, or its verdict awaits approval.
+    Verify,
+    /// Percentage waves.
+    Rollout,
+    /// Every wave done; final health check and catch-up of skipped devices.
+    Confirm,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Prepare => "PREPARE",
+            Phase::Validate => "VALIDATE",
+            Phase::Canary => "CANARY",
+            Phase::Verify => "VERIFY",
+            Phase::Rollout => "ROLLOUT",
+            Phase::Confirm => "CONFIRM",
+        })
+    }
+}
+
+/// Whether the rollout is moving, waiting, or over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutStatus {
+    Running,
+    AwaitingApproval,
+    Paused,
+    /// Every targeted device runs the release (or is skipped or quarantined).
+    Completed,
+    /// A gate failed; the wave was rolled back.
+    Halted,
+    /// Stopped by an operator; deployed devices keep what they have.
+    Aborted,
+    /// Every deployed device was returned to its previous release.
+    RolledBack,
+}
+
+impl RolloutStatus {
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RolloutStatus::Completed
+                | RolloutStatus::Halted
+                | RolloutStatus::Aborted
+                | RolloutStatus::RolledBack
+        )
+    }
+}
+
+impl fmt::Display for RolloutStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RolloutStatus::Running => "running",
+            RolloutStatus::AwaitingApproval => "awaiting_approval",
+            RolloutStatus::Paused => "paused",
+            RolloutStatus::Completed => "completed",
+            RolloutStatus::Halted => "halted",
+            RolloutStatus::Aborted => "aborted",
+            RolloutStatus::RolledBack => "rolled_back",
+        })
+    }
+}
+
+/// A gate's judgement.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Pass,
+    /// Not enough evidence yet: the soak is extended.
+    Inconclusive,
+    Fail,
+}
+
+/// One wave as the state block and `rollout watch` show it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WaveState {
+    /// `canary`, `wave 1`, …
+    pub name: String,
+    pub devices: u32,
+    pub deployed: u32,
+    pub healthy: u32,
+    pub failed: u32,
+    pub skipped: u32,
+    pub soak_until: Option<UnixMillis>,
+    pub verdict: Option<Verdict>,
+}
+
+/// `current_wave: N/M` in the state block and in JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct WaveCursor {
+    pub current: u32,
+    pub total: u32,
+}
+
+impl From<WaveCursor> for String {
+    fn from(c: WaveCursor) -> String {
+        format!("{}/{}", c.current, c.total)
+    }
+}
+
+impl TryFrom<String> for WaveCursor {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        let (a, b) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not N/M"))?;
+        let parse = |x: &str| {
+            x.parse::<u32>()
+                .map_err(|e| format!("{s:?} is not N/M: {e}"))
+        };
+        Ok(WaveCursor {
+            current: parse(a)?,
+            total: parse(b)?,
+        })
+    }
+}
+
+/// `rollouts/{id}/state`: the state block (PRODUCT.md), retained.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RolloutState {
+    pub rollout: RolloutId,
+    pub phase: Phase,
+    pub status: RolloutStatus,
+    pub strategy: StrategyKind,
+    /// `NAME VERSION`.
+    pub artifact: String,
+    pub fleet_total: u32,
+    pub deployed_count: u32,
+    pub healthy_count: u32,
+    pub quarantined_count: u32,
+    pub skipped_count: u32,
+    pub rollback_available: bool,
+    pub current_wave: WaveCursor,
+    pub last_action: String,
+    pub next_action: String,
+    pub blockers: Vec<String>,
+    pub waves: Vec<WaveState>,
+    pub updated_at: UnixMillis,
+}
+
+impl Message for RolloutState {
+    const KIND: Kind = Kind::RolloutState;
+}
+
+impl RolloutState {
+    /// The `<fleet-deploy-state>` block, as `fleetctl rollout status` prints it.
+    pub fn render_block(&self) -> String {
+        let blockers = if self.blockers.is_empty() {
+            "none".to_owned()
+        } else {
+            self.blockers.join("; ")
+        };
+        let mut out = String::from("<fleet-deploy-state>\n");
+        let mut line = |k: &str, v: &dyn fmt::Display| {
+            let _ = writeln!(out, "{k}: {v}");
+        };
+        line("rollout", &self.rollout);
+        line("phase", &self.phase);
+        line("status", &self.status);
+        line("strategy", &self.strategy);
+        line("artifact", &self.artifact);
+        line("fleet_total", &self.fleet_total);
+        line("deployed_count", &self.deployed_count);
+        line("healthy_count", &self.healthy_count);
+        line("quarantined_count", &self.quarantined_count);
+        line("skipped_count", &self.skipped_count);
+        line("rollback_available", &self.rollback_available);
+        line("current_wave", &String::from(self.current_wave));
+        line("last_action", &self.last_action);
+        line("next_action", &self.next_action);
+        line("blockers", &blockers);
+        out.push_str("</fleet-deploy-state>\n");
+        out
+    }
+}
+
+/// How a halted rollout failed (PRODUCT.md, "After a halt").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePattern {
+    /// Every deployed device failed: the artifact itself is bad.
+    Artifact,
+    /// Failures confined to one device type: a compatibility problem.
+    Compatibility { device_type: String },
+    /// Failures scattered across types and regions: suspect the infrastructure.
+    Infrastructure,
+}
+
+impl fmt::Display for FailurePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FailurePattern::Artifact => f.write_str("all devices failed: the artifact is bad"),
+            FailurePattern::Compatibility { device_type } => write!(
+                f,
+                "only {device_type} devices failed: a compatibility problem with that device type"
+            ),
+            FailurePattern::Infrastructure => f.write_str(
+                "failures scattered across device types and regions: suspect the infrastructure (network, power, storage)",
+            ),
+        }
+    }
+}
+
+/// One wave in the deployment report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WaveReport {
+    pub name: String,
+    pub devices: u32,
+    pub failed: u32,
+    pub skipped: u32,
+    pub soak: Duration,
+    pub verdict: Option<Verdict>,
+}
+
+/// A health metric, before and during the rollout.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricDelta {
+    /// `error_rate`, `p95_ms`, `cpu_pct`, `memory_pct`.
+    pub metric: String,
+    pub baseline: Option<f64>,
+    pub current: Option<f64>,
+}
+
+/// The Fleet Deployment Report (`fleetctl report`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub rollout: RolloutId,
+    pub artifact: String,
+    pub strategy: StrategyKind,
+    pub status: RolloutStatus,
+    pub started_at: UnixMillis,
+    pub ended_at: Option<UnixMillis>,
+    pub fleet_total: u32,
+    pub deployed: u32,
+    pub skipped: u32,
+    pub quarantined: u32,
+    pub waves: Vec<WaveReport>,
+    pub health: Vec<MetricDelta>,
+    pub failure_pattern: Option<FailurePattern>,
+    /// Failed devices by type, for the failure pattern's evidence.
+    pub failed_by_type: BTreeMap<String, u32>,
+    pub failed_devices: Vec<DeviceId>,
+    /// The report as Markdown, rendered by the coordinator.
+    pub markdown: String,
+}

@@ -1,0 +1,184 @@
+//! The manifest a release engineer writes: defaults, and every problem reported at once.
+
+#![allow(clippy::unwrap_used)] // Test helpers outside #[test] fns panic on purpose.
+
+mod common;
+
+use std::time::Duration;
+
+use common::NOW;
+use fleet_proto::manifest::parse;
+use fleet_proto::release::{Approval, Arch, StrategyKind};
+
+const EXAMPLE: &str = include_str!("../../../deploy/manifests/example.toml");
+
+#[test]
+fn the_shipped_example_is_valid() {
+    let r = parse(EXAMPLE, NOW).unwrap();
+    assert_eq!(r.label(), "detector 2.4.1 (#42)");
+    assert_eq!(r.rollback_to.as_ref().unwrap().counter, 41);
+    assert_eq!(r.artifacts.len(), 2);
+    assert_eq!(r.artifacts[&Arch::Aarch64].size, 48_213_504);
+    assert_eq!(r.run.args, ["--port", "{port}"]);
+    assert_eq!(r.resources.memory_bytes, 256 << 20);
+    assert_eq!(r.strategy.kind, StrategyKind::CanaryRolling);
+    assert_eq!(r.strategy.canary_soak, Duration::from_secs(1800));
+    assert_eq!(r.trial.good_probes, 3);
+    assert_eq!(r.target.tags, ["camera"]);
+    assert!(r.probe.is_some());
+}
+
+const MINIMAL: &str = r#"
+[release]
+name = "detector"
+version = "1.0.0"
+counter = 1
+expires = "2027-01-01T00:00:00Z"
+hardware = ["rpi4"]
+
+[artifacts.aarch64]
+url = "file:///srv/detector.tar.gz"
+sha256 = "3f2a4c1b9e8d7a6f5e4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a29"
+size = 10
+
+[run]
+entrypoint = "bin/detector"
+
+[resources]
+disk_mb = 10
+memory_mb = 10
+
+[health]
+endpoint = "http://127.0.0.1:{port}/health"
+"#;
+
+#[test]
+fn omitted_sections_take_product_defaults() {
+    let r = parse(MINIMAL, NOW).unwrap();
+    assert_eq!(r.not_before, NOW, "not_before defaults to the signing time");
+    assert_eq!(r.health.expected_version, "1.0.0");
+    assert_eq!(r.strategy.canary_percent, 5.0);
+    assert_eq!(r.strategy.waves, [25, 50, 100]);
+    assert_eq!(r.strategy.approval, Approval::Manual);
+    let t = &r.thresholds;
+    assert_eq!(
+        (t.error_rate_pts, t.p95_latency_pct, t.crash_loop_restarts),
+        (5.0, 50.0, 3)
+    );
+    assert_eq!(t.crash_loop_window, Duration::from_secs(300));
+    assert_eq!(
+        (t.memory_pct, t.unreachable_pct, t.fleet_error_rate_pts),
+        (90.0, 10.0, 10.0)
+    );
+    assert!(r.probe.is_none());
+}
+
+#[track_caller]
+fn check(manifest: &str, expect: &[&str]) {
+    let errors = parse(manifest, NOW).unwrap_err();
+    let got: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+    assert_eq!(got, expect, "\nfull message:\n{errors}");
+}
+
+#[test]
+fn five_mistakes_are_reported_together_each_naming_its_field() {
+    let broken = MINIMAL
+        .replace("counter = 1", "counter = 0")
+        .replace(
+            "sha256 = \"3f2a4c1b9e8d7a6f5e4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a29\"",
+            "sha256 = \"not-a-digest\"",
+        )
+        .replace(
+            "entrypoint = \"bin/detector\"",
+            "entrypoint = \"../../bin/sh\"",
+        )
+        .replace("memory_mb = 10", "memory_mb = 10\ncpus = 2")
+        + "\n[strategy]\ncanary_percent = 40\nwaves = [50, 25, 100]\n";
+    check(
+        &broken,
+        &[
+            "release.counter: must be at least 1, got 0",
+            "artifacts.aarch64.sha256: expected 64 hex digits, got \"not-a-digest\"",
+            "run.entrypoint: \"../../bin/sh\" must be a path inside the slot (relative, without '..')",
+            "resources.cpus: unknown key",
+            "strategy.canary_percent: must be between 1 and 5, got 40",
+            "strategy.waves: [50, 25, 100] must increase: each wave is the cumulative share of the remaining fleet",
+        ],
+    );
+    let message = parse(&broken, NOW).unwrap_err().to_string();
+    assert!(
+        message.starts_with("invalid manifest: 6 problems\n  - release.counter"),
+        "{message}"
+    );
+}
+
+#[test]
+fn missing_sections_are_each_named() {
+    check(
+        "[release]\nname = \"x\"\nversion = \"1\"\n",
+        &[
+            "release.counter: required: a number higher than every earlier release's",
+            "release.expires: required: a release that never expires can be replayed forever; e.g. expires = \"2027-06-01T00:00:00Z\"",
+            "release.hardware: required: the device types this release is built for, e.g. [\"rpi4\"]",
+            "artifacts: required: at least one [artifacts.ARCH] with url, sha256 and size",
+            "run: required: entrypoint (and optional args, env)",
+            "resources: required: disk_mb and memory_mb",
+            "health: required: an application health endpoint; \"responds to ping\" is never healthy",
+        ],
+    );
+}
+
+#[test]
+fn wrong_types_and_bad_values_name_their_fields() {
+    let broken = MINIMAL
+        .replace("[artifacts.aarch64]", "[artifacts.sparc]")
+        .replace("size = 10", "size = \"big\"")
+        .replace(
+            "expires = \"2027-01-01T00:00:00Z\"",
+            "expires = \"2020-01-01T00:00:00Z\"",
+        )
+        + "\n[trial]\ndeadline = \"10s\"\n[thresholds]\nmemory_pct = 120\ncrash_loop_window = \"soon\"\n";
+    check(
+        &broken,
+        &[
+            "release.expires: 2020-01-01T00:00:00Z is not after not_before (2026-11-27T10:00:00Z)",
+            "artifacts.sparc: unknown architecture \"sparc\"; known: x86_64, aarch64, armv7",
+            "artifacts.sparc.size: must be an integer, found string",
+            "trial.deadline: 10s cannot fit 3 probes 5s apart; lengthen the deadline",
+            "thresholds.crash_loop_window: \"soon\" is not a duration such as \"30s\", \"15m\" or \"1h\" (expected number at 0)",
+            "thresholds.memory_pct: must be above 0 and at most 100, got 120",
+        ],
+    );
+}
+
+#[test]
+fn big_bang_is_refused_with_an_explanation() {
+    check(
+        &(MINIMAL.to_owned() + "\n[strategy]\nkind = \"big-bang\"\n"),
+        &[
+            "strategy.kind: big-bang (every device at once) is refused: a bad release would reach the whole fleet before any health gate could stop it; use canary-rolling",
+        ],
+    );
+}
+
+#[test]
+fn rollback_target_must_be_older() {
+    check(
+        &MINIMAL.replace(
+            "hardware = [\"rpi4\"]",
+            "hardware = [\"rpi4\"]\nrollback_to = { counter = 5, version = \"0.9\" }",
+        ),
+        &["release.rollback_to.counter: must be below the release's own counter, got 5"],
+    );
+}
+
+#[test]
+fn not_toml_at_all() {
+    let errors = parse("[release\nname=", NOW).unwrap_err();
+    assert_eq!(errors.0.len(), 1);
+    assert_eq!(errors.0[0].field, "(document)");
+    assert!(
+        errors.0[0].problem.starts_with("not valid TOML"),
+        "{errors}"
+    );
+}
