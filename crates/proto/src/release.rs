@@ -303,6 +303,29 @@ pub fn key_id(key: &VerifyingKey) -> KeyId {
     Hex(id)
 }
 
+/// Parses a public release key as written in config files and `release.pub`: 64 hex digits.
+pub fn parse_public_key(text: &str) -> Result<VerifyingKey, String> {
+    let bytes: Hex<32> = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("not a release public key: {e}"))?;
+    VerifyingKey::from_bytes(&bytes.0).map_err(|_| {
+        format!(
+            "not a release public key: {} is not a point on the curve",
+            bytes.short()
+        )
+    })
+}
+
+/// Parses a release signing key as written in `release.key`: 64 hex digits of the secret seed.
+pub fn parse_signing_key(text: &str) -> Result<SigningKey, String> {
+    let bytes: Hex<32> = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("not a release signing key: {e}"))?;
+    Ok(SigningKey::from_bytes(&bytes.0))
+}
+
 /// A release with its signature, as it travels and as it is stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedRelease {

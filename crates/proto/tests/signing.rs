@@ -270,3 +270,21 @@ fn signed_release_text_form_round_trips() {
             .starts_with("not a signed release")
     );
 }
+
+#[test]
+fn key_files_parse_and_say_what_is_wrong() {
+    use fleet_proto::release::{parse_public_key, parse_signing_key};
+    let secret = hex::encode(key(1).to_bytes());
+    let public = hex::encode(key(1).verifying_key().to_bytes());
+    assert_eq!(
+        parse_signing_key(&format!("{secret}\n"))
+            .unwrap()
+            .to_bytes(),
+        key(1).to_bytes()
+    );
+    assert_eq!(parse_public_key(&public).unwrap(), key(1).verifying_key());
+    assert_eq!(
+        parse_public_key("abc").unwrap_err(),
+        "not a release public key: expected 64 hex digits, got \"abc\""
+    );
+}
