@@ -370,6 +370,12 @@ impl SignedRelease {
         })
     }
 
+    /// Decodes the release WITHOUT checking the signature: for showing a person what a file
+    /// holds, never for deciding anything.
+    pub fn decode_unverified(&self) -> Result<Release, String> {
+        postcard::from_bytes(&self.release).map_err(|e| format!("unreadable release bytes: {e}"))
+    }
+
     /// The text form kept in files (`fleetctl manifest sign` writes it).
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a signed release has string keys")
