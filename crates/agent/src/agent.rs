@@ -1,0 +1,815 @@
+//! The driver: receive → translate to [`Input`] → [`step`] → persist the journal → execute the
+//! actions. All I/O lives here; every policy decision lives in `machine` and `trial`.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use fleet_proto::device::{
+    AppHealth, AppStatus, Desired, DeviceFacts, Event, EventKind, Failure, Heartbeat, Online,
+    Reported, Slot,
+};
+use fleet_proto::release::Arch;
+use fleet_proto::{Topic, UnixMillis, decode, encode};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{Instrument as _, debug, error, info, warn};
+
+use crate::config::{Config, RuntimeKind};
+use crate::fault;
+use crate::health::{self, SystemProbe, with_port};
+use crate::journal::{Journal, JournalError, Loaded};
+use crate::link::{Link, LinkEvent, LinkOptions};
+use crate::machine::{self, Action, Ctx, Input, Job, Phase, State};
+use crate::notify::Notifier;
+use crate::outbox::Outbox;
+use crate::runtime::{self, AnyRuntime, AppSpec, Runtime as _};
+use crate::slots::{self, Layout};
+use crate::trial::{HealthAnswer, Sample};
+
+/// Why the agent stopped. Each maps to an exit code in the binary (`Exit`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// Process-level hooks the binary provides; fleet-sim passes `Options::default()`.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// systemd notify socket: READY, watchdog pings from the main loop, STOPPING.
+    pub notifier: Option<Notifier>,
+}
+
+/// Runs one agent until `shutdown` completes. No process-global state: many agents with
+/// different roots and ports can run in one runtime.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    run_with(config, shutdown, Options::default()).await
+}
+
+pub async fn run_with(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    options: Options,
+) -> Result<(), Error> {
+    config.check().map_err(Error::Config)?;
+    let span = tracing::info_span!("agent", device = %config.device.id);
+    async move {
+        let mut driver = Driver::new(config, options)?;
+        driver.boot().await?;
+        let result = driver.main_loop(shutdown).await;
+        driver.runtime.stop().await;
+        if let Some(n) = &driver.notifier {
+            n.send("STOPPING=1");
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Messages from worker tasks (download, install) back to the loop.
+#[derive(Debug)]
+enum Work {
+    Input(Input),
+    DownloadStarted { job: Box<Job>, resume_from: u64 },
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Counters {
+    reported: u64,
+    heartbeat: u64,
+}
+
+struct Driver {
+    cfg: Config,
+    ctx: Ctx,
+    layout: Layout,
+    journal: Journal,
+    state: State,
+    runtime: AnyRuntime,
+    outbox: Outbox,
+    link: Link,
+    counters: Counters,
+    counters_path: PathBuf,
+    work_tx: mpsc::Sender<Work>,
+    work_rx: mpsc::Receiver<Work>,
+    heartbeat_every: Duration,
+    next_heartbeat: Instant,
+    next_probe: Instant,
+    system: SystemProbe,
+    started: Instant,
+    last_app: AppHealth,
+    /// Frames on the desired topic that did not decode.
+    decode_errors: u64,
+    notifier: Option<Notifier>,
+    topic_events: String,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("device", &self.ctx.device)
+            .finish()
+    }
+}
+
+fn now() -> UnixMillis {
+    UnixMillis::from_system(SystemTime::now())
+}
+
+impl Driver {
+    fn new(cfg: Config, options: Options) -> Result<Driver, Error> {
+        let layout = Layout::new(&cfg.paths.root);
+        layout
+            .prepare()
+            .map_err(io(format!("cannot prepare {}", cfg.paths.root.display())))?;
+        std::fs::create_dir_all(&cfg.paths.state)
+            .map_err(io(format!("cannot create {}", cfg.paths.state.display())))?;
+        let memory_total = std::fs::read_to_string("/proc/meminfo")
+            .map(|t| health::parse_meminfo(&t).0)
+            .unwrap_or(0);
+        let disk_total = crate::fsutil::disk_space(&cfg.paths.root)
+            .map(|d| d.1)
+            .unwrap_or(0);
+        let arch = Arch::current().ok_or_else(|| {
+            Error::Config(format!(
+                "architecture {} is not one fleet knows",
+                std::env::consts::ARCH
+            ))
+        })?;
+        let facts = DeviceFacts {
+            device_type: cfg.device.device_type.clone(),
+            arch,
+            region: cfg.device.region.clone(),
+            tags: cfg.device.tags.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            runtime: cfg.app.runtime.as_str().into(),
+            memory_total_bytes: memory_total,
+            disk_total_bytes: disk_total,
+        };
+        let ctx = Ctx {
+            keys: cfg.trust.keys.clone(),
+            skew: cfg.trust.clock_skew,
+            device: cfg.device.id.clone(),
+            facts,
+            trial_attempts: cfg.trial.attempts,
+            failures_allowed: cfg.trial.failures_allowed.max(1),
+            restore_timeout: cfg.trial.restore_timeout,
+        };
+        let runtime = match cfg.app.runtime {
+            RuntimeKind::Process => {
+                AnyRuntime::Process(runtime::Process::new(runtime::ProcessOptions {
+                    stop_grace: cfg.app.stop_grace,
+                    backoff_min: cfg.app.restart_backoff_min,
+                    backoff_max: cfg.app.restart_backoff_max,
+                    backoff_reset: cfg.app.restart_reset,
+                }))
+            }
+            RuntimeKind::Systemd => AnyRuntime::Systemd(runtime::Systemd::new(
+                cfg.app.systemd_unit.clone(),
+                cfg.paths.root.join("app-exec"),
+            )),
+        };
+        let outbox = Outbox::open(&cfg.paths.state.join("outbox"), cfg.reports.outbox_max)
+            .map_err(io("cannot open the event outbox"))?;
+        let id = ctx.device.clone();
+        let will = Online {
+            device: id.clone(),
+            online: false,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            at: now(),
+        };
+        let link = Link::new(LinkOptions {
+            client_id: id.to_string(),
+            mqtt: cfg.mqtt.clone(),
+            will_topic: Topic::Online(id.clone()).to_string(),
+            will_payload: encode(&will),
+        });
+        let counters_path = cfg.paths.state.join("counters");
+        let counters = std::fs::read(&counters_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let (work_tx, work_rx) = mpsc::channel(64);
+        let heartbeat_every = cfg.reports.heartbeat_interval;
+        Ok(Driver {
+            journal: Journal::new(&cfg.paths.state),
+            topic_events: Topic::Events(id).to_string(),
+            cfg,
+            ctx,
+            layout,
+            state: State::fresh(),
+            runtime,
+            outbox,
+            link,
+            counters,
+            counters_path,
+            work_tx,
+            work_rx,
+            heartbeat_every,
+            next_heartbeat: Instant::now() + heartbeat_every,
+            next_probe: Instant::now(),
+            system: SystemProbe::default(),
+            started: Instant::now(),
+            last_app: AppHealth {
+                status: AppStatus::NotInstalled,
+                version: None,
+                error_rate: None,
+                p95_ms: None,
+                restarts_in_window: 0,
+                restarts_total: 0,
+                probe_ok: None,
+            },
+            decode_errors: 0,
+            notifier: options.notifier,
+        })
+    }
+
+    /// Reads the journal first and resolves it (see `machine::resolve`).
+    async fn boot(&mut self) -> Result<(), Error> {
+        self.state = match self.journal.load()? {
+            Loaded::Fresh => State::fresh(),
+            Loaded::Current(s) => s,
+            Loaded::Previous(s, why) => {
+                warn!(journal = %self.journal.path().display(), "journal unreadable ({why}); using the previous copy");
+                s
+            }
+        };
+        if let Some(d) = self.state.report_interval {
+            self.heartbeat_every = d;
+        }
+        let link = self
+            .layout
+            .read_link()
+            .map_err(io("cannot read the active link"))?;
+        info!(phase = ?self.state.phase.wire(), ?link, "resolving the journal");
+        self.apply(Input::Boot { link }).await?;
+        if let Some(n) = &self.notifier {
+            n.send("READY=1");
+        }
+        Ok(())
+    }
+
+    async fn main_loop(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        tokio::pin!(shutdown);
+        let watchdog_every = self
+            .notifier
+            .as_ref()
+            .and_then(|n| n.watchdog_every)
+            .unwrap_or(Duration::from_secs(3600));
+        let mut watchdog = tokio::time::interval(watchdog_every);
+        loop {
+            let probing = matches!(
+                self.state.phase,
+                Phase::Trial { .. } | Phase::RollingBack { .. }
+            );
+            tokio::select! {
+                () = &mut shutdown => {
+                    info!("shutting down");
+                    return Ok(());
+                }
+                ev = self.link.next() => self.on_link(ev).await?,
+                Some(work) = self.work_rx.recv() => match work {
+                    Work::Input(input) => self.apply(input).await?,
+                    Work::DownloadStarted { job, resume_from } => {
+                        let size = job.release.artifacts.get(&self.ctx.facts.arch).map(|a| a.size).unwrap_or(0);
+                        self.emit(job.sequence, job.rollout.clone(), job.release.version.clone(),
+                            EventKind::DownloadStarted { size, resume_from })?;
+                    }
+                },
+                _ = tokio::time::sleep_until(self.next_probe), if probing => {
+                    self.probe_tick().await?;
+                }
+                _ = tokio::time::sleep_until(self.next_heartbeat) => {
+                    self.heartbeat().await;
+                    self.next_heartbeat = Instant::now() + self.heartbeat_every;
+                }
+                _ = watchdog.tick() => {
+                    if let Some(n) = &self.notifier { n.send("WATCHDOG=1"); }
+                }
+            }
+        }
+    }
+
+    /// step → persist → execute, until no follow-up input remains.
+    async fn apply(&mut self, input: Input) -> Result<(), Error> {
+        let mut queue = VecDeque::from([input]);
+        while let Some(input) = queue.pop_front() {
+            let what = input_name(&input);
+            let before = self.state.clone();
+            let (next, actions) = machine::step(&self.ctx, before.clone(), input, now());
+            if next != before {
+                if next.phase.wire() != before.phase.wire() {
+                    let job = next.phase.job().or(before.phase.job());
+                    info!(
+                        from = ?before.phase.wire(),
+                        to = ?next.phase.wire(),
+                        event = what,
+                        rollout = job.and_then(|j| j.rollout.as_ref()).map(|r| r.to_string()).unwrap_or_default(),
+                        version = job.map(|j| j.release.version.as_str()).unwrap_or(""),
+                        "update phase changed"
+                    );
+                }
+                if matches!(before.phase, Phase::Trial { .. }) && matches!(next.phase, Phase::Idle)
+                {
+                    fault::point("commit-before-journal");
+                }
+                // Persist before acting: the journal names the step about to happen.
+                self.journal.store(&next)?;
+            }
+            self.state = next;
+            for action in actions {
+                self.execute(action, &mut queue).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn execute(&mut self, action: Action, queue: &mut VecDeque<Input>) -> Result<(), Error> {
+        match action {
+            Action::Emit {
+                sequence,
+                rollout,
+                version,
+                kind,
+            } => self.emit(sequence, rollout, version, kind)?,
+            Action::Report => self.report(),
+            Action::Download { job } => self.start_download(*job),
+            Action::Install { job, slot } => self.start_install(*job, slot),
+            Action::DiscardStaging => {
+                if let Err(e) = self.layout.discard_staging() {
+                    warn!("cannot clean staging: {e}");
+                }
+            }
+            Action::WipeSlot { slot } => {
+                self.layout
+                    .wipe(slot)
+                    .map_err(io(format!("cannot wipe {slot}")))?;
+            }
+            Action::Swap { to } => {
+                self.layout
+                    .swap(to)
+                    .map_err(io("cannot swap the active link"))?;
+                info!(slot = ?to, "active link swapped");
+                match &self.state.phase {
+                    Phase::Swapping { job, slot, .. } if to == Some(*slot) => {
+                        queue.push_back(Input::Swapped {
+                            sequence: job.sequence,
+                        });
+                    }
+                    Phase::RollingBack { .. } => fault::point("rollback-after-swap"),
+                    _ => {}
+                }
+            }
+            Action::StartApp { slot } => {
+                self.start_app(slot).await;
+                if matches!(self.state.phase, Phase::Trial { .. }) {
+                    fault::point("trial-started");
+                }
+                self.next_probe = Instant::now() + self.probe_interval();
+            }
+            Action::StopApp => self.runtime.stop().await,
+            Action::Redeliver(desired) => {
+                queue.push_back(Input::Desired {
+                    desired: *desired,
+                    disk_free: self.disk_free(),
+                });
+            }
+            Action::SetReportInterval(d) => {
+                self.heartbeat_every = d;
+                let sooner = Instant::now() + d;
+                if sooner < self.next_heartbeat {
+                    self.next_heartbeat = sooner;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn disk_free(&self) -> u64 {
+        crate::fsutil::disk_space(&self.cfg.paths.root)
+            .map(|d| d.0)
+            .unwrap_or(0)
+    }
+
+    fn app_env(&self, release: &fleet_proto::Release) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = release
+            .run
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), with_port(v, self.cfg.app.port)))
+            .collect();
+        env.push(("FLEET_DEVICE_ID".into(), self.ctx.device.to_string()));
+        env.push((
+            "FLEET_DEVICE_TYPE".into(),
+            self.cfg.device.device_type.clone(),
+        ));
+        env.push(("FLEET_DEVICE_REGION".into(), self.cfg.device.region.clone()));
+        env.push(("FLEET_APP_PORT".into(), self.cfg.app.port.to_string()));
+        env
+    }
+
+    async fn start_app(&mut self, slot: Slot) {
+        let Some(content) = self.state.slot(slot) else {
+            error!(slot = %slot, "asked to start an empty slot");
+            return;
+        };
+        let release = &content.release;
+        let active = self.layout.active();
+        let spec = AppSpec {
+            program: active.join(&release.run.entrypoint),
+            args: release
+                .run
+                .args
+                .iter()
+                .map(|a| with_port(a, self.cfg.app.port))
+                .collect(),
+            env: self.app_env(release),
+            dir: active,
+        };
+        info!(slot = %slot, version = %release.version, "starting the app");
+        if let Err(e) = self.runtime.start(spec).await {
+            warn!(slot = %slot, version = %release.version, "{e}");
+        }
+    }
+
+    fn probe_interval(&self) -> Duration {
+        self.state
+            .phase
+            .job()
+            .map(|j| j.release.trial.probe_interval)
+            .unwrap_or(Duration::from_secs(1))
+            .max(Duration::from_millis(50))
+    }
+
+    fn start_download(&mut self, job: Job) {
+        let Some(artifact) = job.release.artifacts.get(&self.ctx.facts.arch).cloned() else {
+            let _ = self.work_tx.try_send(Work::Input(Input::Downloaded {
+                sequence: job.sequence,
+                result: Err(Failure::Download {
+                    detail: "no artifact for this architecture".into(),
+                }),
+            }));
+            return;
+        };
+        let spec = crate::fetch::Spec {
+            url: artifact.url,
+            sha256: artifact.sha256,
+            size: artifact.size,
+            dest: self.layout.staged(&artifact.sha256),
+        };
+        let cfg = self.cfg.fetch.clone();
+        let tx = self.work_tx.clone();
+        info!(version = %job.release.version, url = %spec.url, "downloading");
+        tokio::task::spawn_blocking(move || {
+            let sequence = job.sequence;
+            let job_box = Box::new(job);
+            let result = crate::fetch::fetch(&spec, &cfg, |resume_from| {
+                let _ = tx.blocking_send(Work::DownloadStarted {
+                    job: job_box.clone(),
+                    resume_from,
+                });
+            });
+            let _ = tx.blocking_send(Work::Input(Input::Downloaded { sequence, result }));
+        });
+    }
+
+    fn start_install(&mut self, job: Job, slot: Slot) {
+        let layout = self.layout.clone();
+        let tx = self.work_tx.clone();
+        let timeout = self.cfg.trial.hook_timeout;
+        let env = self.app_env(&job.release);
+        info!(version = %job.release.version, slot = %slot, "installing");
+        tokio::task::spawn_blocking(move || {
+            let result = install(&layout, &job, slot, timeout, &env);
+            if result.is_ok() {
+                fault::point("install-done");
+            }
+            let _ = tx.blocking_send(Work::Input(Input::Installed {
+                sequence: job.sequence,
+                result,
+            }));
+        });
+    }
+
+    fn emit(
+        &mut self,
+        sequence: u64,
+        rollout: Option<fleet_proto::RolloutId>,
+        version: String,
+        kind: EventKind,
+    ) -> Result<(), Error> {
+        info!(rollout = rollout.as_ref().map(|r| r.to_string()).unwrap_or_default(), version = %version, event = ?kind, "event");
+        let device = self.ctx.device.clone();
+        let at = now();
+        self.outbox
+            .append(|seq| {
+                encode(&Event {
+                    device,
+                    seq,
+                    at,
+                    rollout,
+                    sequence,
+                    version,
+                    kind,
+                })
+            })
+            .map_err(io("cannot write the event outbox"))?;
+        self.link
+            .flush_events(&self.topic_events, self.outbox.pending());
+        Ok(())
+    }
+
+    fn save_counters(&self) {
+        if let Ok(bytes) = serde_json::to_vec(&self.counters)
+            && let Err(e) = crate::fsutil::write_replace(&self.counters_path, &bytes)
+        {
+            debug!("cannot save counters: {e}");
+        }
+    }
+
+    fn reported(&mut self) -> Reported {
+        self.counters.reported += 1;
+        self.save_counters();
+        let running = self.state.link_target();
+        let standby = running.map(Slot::other).unwrap_or(Slot::B);
+        Reported {
+            device: self.ctx.device.clone(),
+            seq: self.counters.reported,
+            facts: self.ctx.facts.clone(),
+            active: running
+                .and_then(|s| self.state.slot(s))
+                .map(|c| c.installed.clone()),
+            standby: self.state.slot(standby).map(|c| c.installed.clone()),
+            phase: self.state.phase.wire(),
+            applied_sequence: self.state.applied_sequence,
+            last_outcome: self.state.last_outcome.clone(),
+            highest_counter: self.state.highest.as_ref().map(|h| h.counter).unwrap_or(0),
+            at: now(),
+        }
+    }
+
+    fn report(&mut self) {
+        if !self.link.is_connected() {
+            // Published on the next ConnAck.
+            return;
+        }
+        let r = self.reported();
+        self.link.publish_retained(
+            Topic::State(self.ctx.device.clone()).to_string(),
+            encode(&r),
+        );
+    }
+
+    async fn on_link(&mut self, ev: LinkEvent) -> Result<(), Error> {
+        match ev {
+            LinkEvent::Connected => {
+                info!("connected to the broker");
+                let id = self.ctx.device.clone();
+                self.link.subscribe(Topic::Desired(id.clone()).to_string());
+                let online = Online {
+                    device: id.clone(),
+                    online: true,
+                    agent_version: env!("CARGO_PKG_VERSION").into(),
+                    at: now(),
+                };
+                self.link
+                    .publish_retained(Topic::Online(id).to_string(), encode(&online));
+                self.report();
+                self.link
+                    .flush_events(&self.topic_events, self.outbox.pending());
+            }
+            LinkEvent::Disconnected(why) => warn!("disconnected from the broker: {why}"),
+            LinkEvent::Delivered(seq) => {
+                self.outbox
+                    .delivered(seq)
+                    .map_err(io("cannot update the event outbox"))?;
+                self.link
+                    .flush_events(&self.topic_events, self.outbox.pending());
+            }
+            LinkEvent::Message { topic, payload } => self.on_message(topic, payload).await?,
+        }
+        Ok(())
+    }
+
+    async fn on_message(&mut self, topic: String, payload: Vec<u8>) -> Result<(), Error> {
+        let own = Topic::Desired(self.ctx.device.clone()).to_string();
+        if topic != own {
+            debug!(
+                topic,
+                "ignoring a message on a topic the agent did not ask for"
+            );
+            return Ok(());
+        }
+        if payload.is_empty() {
+            // The coordinator cleared its retained desired state: nothing to do.
+            return Ok(());
+        }
+        match decode::<Desired>(&payload) {
+            Ok(desired) => {
+                debug!(sequence = desired.sequence, "desired state");
+                let disk_free = self.disk_free();
+                self.apply(Input::Desired { desired, disk_free }).await
+            }
+            Err(e) => {
+                self.decode_errors += 1;
+                warn!(
+                    topic,
+                    count = self.decode_errors,
+                    "dropping a frame: {}",
+                    e.on(&topic)
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// The release whose health the probes check now.
+    fn probed_release(&self) -> Option<fleet_proto::Release> {
+        match &self.state.phase {
+            Phase::Trial { job, .. } => Some(job.release.clone()),
+            Phase::RollingBack { to, .. } => to
+                .and_then(|t| self.state.slot(t))
+                .map(|c| c.release.clone()),
+            _ => self.state.running().map(|c| c.release.clone()),
+        }
+    }
+
+    async fn sample(&mut self, release: &fleet_proto::Release) -> Sample {
+        let st = self
+            .runtime
+            .status(release.thresholds.crash_loop_window)
+            .await;
+        let (health, error_rate, p95) = if st.running {
+            let endpoint = with_port(&release.health.endpoint, self.cfg.app.port);
+            let (a, e, p) = health::probe_health(&endpoint, release.health.timeout).await;
+            (Some(a), e, p)
+        } else {
+            (None, None, None)
+        };
+        let healthy = matches!(
+            &health,
+            Some(HealthAnswer::Answered {
+                status: AppStatus::Healthy,
+                ..
+            })
+        );
+        let probe = match (&release.probe, healthy) {
+            (Some(p), true) => Some(
+                health::functional_probe(
+                    p,
+                    &self.layout.active(),
+                    self.cfg.app.port,
+                    &self.app_env(release),
+                )
+                .await,
+            ),
+            _ => None,
+        };
+        self.last_app = AppHealth {
+            status: match &health {
+                Some(HealthAnswer::Answered { status, .. }) => *status,
+                Some(HealthAnswer::NoAnswer) => AppStatus::Unreachable,
+                None => AppStatus::Stopped,
+            },
+            version: match &health {
+                Some(HealthAnswer::Answered { version, .. }) => Some(version.clone()),
+                _ => None,
+            },
+            error_rate,
+            p95_ms: p95,
+            restarts_in_window: st.restarts_in_window,
+            restarts_total: st.restarts_total,
+            probe_ok: probe.as_ref().map(|r| r.is_ok()),
+        };
+        Sample {
+            running: st.running,
+            exits: st.exits,
+            last_exit_code: st.last_exit_code,
+            restarts_in_window: st.restarts_in_window,
+            health,
+            probe,
+        }
+    }
+
+    async fn probe_tick(&mut self) -> Result<(), Error> {
+        self.next_probe = Instant::now() + self.probe_interval();
+        let Some(sequence) = self.state.phase.job().map(|j| j.sequence) else {
+            return Ok(());
+        };
+        let Some(release) = self.probed_release() else {
+            // Rolling back to nothing: the machine finished it already.
+            return Ok(());
+        };
+        let sample = self.sample(&release).await;
+        debug!(?sample, "probe");
+        fault::point("trial-probing");
+        self.apply(Input::Probe { sequence, sample }).await?;
+        self.next_probe = Instant::now() + self.probe_interval();
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self) {
+        // Outside a trial, the heartbeat takes its own look at the app.
+        let probing = matches!(
+            self.state.phase,
+            Phase::Trial { .. } | Phase::RollingBack { .. }
+        );
+        if !probing {
+            match self.probed_release() {
+                Some(release) => {
+                    let _ = self.sample(&release).await;
+                }
+                None => self.last_app.status = AppStatus::NotInstalled,
+            }
+        }
+        if !self.link.is_connected() {
+            return;
+        }
+        let system = self.system.sample(&self.cfg.paths.root);
+        self.counters.heartbeat += 1;
+        self.save_counters();
+        let hb = Heartbeat {
+            device: self.ctx.device.clone(),
+            seq: self.counters.heartbeat,
+            at: now(),
+            uptime: self.started.elapsed(),
+            active_version: self.state.running().map(|c| c.installed.version.clone()),
+            rollout: self.state.phase.job().and_then(|j| j.rollout.clone()),
+            system,
+            app: self.last_app.clone(),
+        };
+        self.link.publish_qos0(
+            Topic::Heartbeat(self.ctx.device.clone()).to_string(),
+            encode(&hb),
+        );
+    }
+}
+
+fn input_name(input: &Input) -> &'static str {
+    match input {
+        Input::Boot { .. } => "Boot",
+        Input::Desired { .. } => "Desired",
+        Input::Downloaded { .. } => "Downloaded",
+        Input::Installed { .. } => "Installed",
+        Input::Swapped { .. } => "Swapped",
+        Input::Probe { .. } => "Probe",
+    }
+}
+
+/// Wipes the standby slot, unpacks the staged artifact (re-checking its digest first: the
+/// staged file may be from before a restart), syncs, and runs the post-install hook.
+fn install(
+    layout: &Layout,
+    job: &Job,
+    slot: Slot,
+    hook_timeout: Duration,
+    env: &[(String, String)],
+) -> Result<(), Failure> {
+    let fail = |detail: String| Failure::Install { detail };
+    let arch = Arch::current().ok_or_else(|| fail("unknown architecture".into()))?;
+    let artifact = job
+        .release
+        .artifacts
+        .get(&arch)
+        .ok_or_else(|| fail("no artifact for this architecture".into()))?;
+    let staged = layout.staged(&artifact.sha256);
+    let bytes_ok = std::fs::File::open(&staged)
+        .and_then(|mut f| {
+            use sha2::Digest as _;
+            let mut h = sha2::Sha256::new();
+            std::io::copy(&mut f, &mut h)?;
+            Ok(fleet_proto::hex::Hex::<32>(h.finalize().into()))
+        })
+        .map_err(|e| fail(format!("cannot read the staged artifact: {e}")))?;
+    if bytes_ok != artifact.sha256 {
+        return Err(Failure::ChecksumMismatch {
+            expected: artifact.sha256,
+            got: bytes_ok,
+        });
+    }
+    layout
+        .wipe(slot)
+        .map_err(|e| fail(format!("cannot wipe {slot}: {e}")))?;
+    let dir = layout.slot_dir(slot);
+    slots::unpack(&staged, &dir).map_err(|e| fail(e.to_string()))?;
+    crate::fsutil::sync_fs(&dir).map_err(|e| fail(format!("cannot sync {slot}: {e}")))?;
+    slots::run_hook(&dir, hook_timeout, env).map_err(|detail| Failure::Hook { detail })?;
+    crate::fsutil::sync_fs(&dir).map_err(|e| fail(format!("cannot sync {slot}: {e}")))?;
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! The agent's configuration: one serde struct, loaded from a TOML file plus `FLEET_AGENT__…`
+//! environment overrides by [`load`], typed on the way in (`Duration`, `DeviceId`, keys), so
+//! nothing below `main` parses text. `deploy/agent.toml` is the commented reference and the
+//! output of `fleet-agent print-default-config`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleet_proto::{DeviceId, VerifyingKey};
+use serde::{Deserialize, Deserializer};
+
+/// The commented default configuration (`print-default-config`).
+pub const DEFAULT_CONFIG: &str = include_str!("../../../deploy/agent.toml");
+
+/// Prefix of environment overrides: `FLEET_AGENT__MQTT__HOST=broker` sets `mqtt.host`.
+pub const ENV_PREFIX: &str = "FLEET_AGENT";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub device: DeviceConfig,
+    #[serde(default)]
+    pub mqtt: MqttConfig,
+    pub trust: TrustConfig,
+    pub paths: PathsConfig,
+    #[serde(default)]
+    pub app: AppConfig,
+    #[serde(default)]
+    pub fetch: FetchConfig,
+    #[serde(default)]
+    pub trial: TrialConfig,
+    #[serde(default)]
+    pub reports: ReportsConfig,
+    /// `error`, `warn`, `info`, `debug` or `trace`; read by the binary only.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
+}
+
+/// Who this device is. Reported as `DeviceFacts` and matched against release targets.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Also the MQTT client id and the topic level.
+    pub id: DeviceId,
+    /// Hardware type, e.g. `rpi4`, `jetson-orin`; releases list the types they are built for.
+    #[serde(rename = "type")]
+    pub device_type: String,
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    #[serde(deserialize_with = "duration")]
+    pub keep_alive: Duration,
+    /// Backoff between connection attempts: doubles from `reconnect_min` up to `reconnect_max`,
+    /// with ±50 % jitter so a site's devices do not reconnect in lockstep after an outage.
+    #[serde(deserialize_with = "duration")]
+    pub reconnect_min: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub reconnect_max: Duration,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            username: None,
+            password: None,
+            keep_alive: Duration::from_secs(30),
+            reconnect_min: Duration::from_secs(1),
+            reconnect_max: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// Pinned ed25519 release keys, 64 hex digits each (two during a key rotation).
+    #[serde(deserialize_with = "keys")]
+    pub keys: Vec<VerifyingKey>,
+    /// Clock skew tolerated at both ends of a release's validity window.
+    #[serde(default = "default_skew", deserialize_with = "duration")]
+    pub clock_skew: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathsConfig {
+    /// Holds `slot-a/`, `slot-b/`, the `active` symlink and `staging/`. Must be on one
+    /// filesystem (the swap is a `rename`).
+    pub root: PathBuf,
+    /// Holds the journal, the event outbox and counters.
+    pub state: PathBuf,
+}
+
+/// How the application runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// The agent starts the app from `active/` and supervises it.
+    Process,
+    /// `systemctl restart UNIT`; the unit runs `ROOT/app-exec`, which the agent writes.
+    Systemd,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Process => "process",
+            RuntimeKind::Systemd => "systemd",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppConfig {
+    pub runtime: RuntimeKind,
+    /// Given to the app as `FLEET_APP_PORT` and substituted for `{port}` in the release.
+    pub port: u16,
+    /// The unit the `systemd` runtime restarts.
+    pub systemd_unit: String,
+    /// SIGTERM, then SIGKILL after this long (process runtime).
+    #[serde(deserialize_with = "duration")]
+    pub stop_grace: Duration,
+    /// Restart backoff of the process runtime: doubles from min to max, reset after the app
+    /// has run for `restart_reset`.
+    #[serde(deserialize_with = "duration")]
+    pub restart_backoff_min: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub restart_backoff_max: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub restart_reset: Duration,
+    /// Crash-loop window used outside a trial (heartbeats); a release's thresholds win during one.
+    #[serde(deserialize_with = "duration")]
+    pub crash_loop_window: Duration,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig {
+            runtime: RuntimeKind::Process,
+            port: 8080,
+            systemd_unit: "fleet-app.service".into(),
+            stop_grace: Duration::from_secs(10),
+            restart_backoff_min: Duration::from_secs(1),
+            restart_backoff_max: Duration::from_secs(30),
+            restart_reset: Duration::from_secs(60),
+            crash_loop_window: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    /// A download slower than this over `min_rate_window` is cut and retried (slow retrieval).
+    pub min_rate_bytes_per_sec: u64,
+    #[serde(deserialize_with = "duration")]
+    pub min_rate_window: Duration,
+    /// One attempt may not take longer than this.
+    #[serde(deserialize_with = "duration")]
+    pub deadline: Duration,
+    /// Attempts before the update fails with a download error (each resumes with Range).
+    pub attempts: u32,
+    #[serde(deserialize_with = "duration")]
+    pub retry_min: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub retry_max: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        FetchConfig {
+            min_rate_bytes_per_sec: 1024,
+            min_rate_window: Duration::from_secs(30),
+            deadline: Duration::from_secs(30 * 60),
+            attempts: 5,
+            retry_min: Duration::from_secs(1),
+            retry_max: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrialConfig {
+    /// Trials a release gets on this device, counting resumes after an agent restart: with 2,
+    /// an agent that restarts mid-trial resumes once; the second restart rolls back.
+    pub attempts: u32,
+    /// Consecutive bad probes (no answer, unhealthy, failed functional probe) that roll back
+    /// before the deadline. A wrong version rolls back at once.
+    pub failures_allowed: u32,
+    /// How long the previous version has to answer healthy after a rollback.
+    #[serde(deserialize_with = "duration")]
+    pub restore_timeout: Duration,
+    /// Bound on `hooks/post-install`.
+    #[serde(deserialize_with = "duration")]
+    pub hook_timeout: Duration,
+}
+
+impl Default for TrialConfig {
+    fn default() -> Self {
+        TrialConfig {
+            attempts: 2,
+            failures_allowed: 3,
+            restore_timeout: Duration::from_secs(60),
+            hook_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReportsConfig {
+    /// Heartbeat interval until a desired state sets one.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// Events kept on disk while undelivered; past this the oldest is dropped (the coordinator
+    /// sees the gap in `seq`).
+    pub outbox_max: usize,
+    /// Probe the app's health between heartbeats this often outside a trial.
+    #[serde(deserialize_with = "duration")]
+    pub health_timeout: Duration,
+}
+
+impl Default for ReportsConfig {
+    fn default() -> Self {
+        ReportsConfig {
+            heartbeat_interval: Duration::from_secs(10),
+            outbox_max: 1000,
+            health_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+fn default_skew() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    fleet_proto::time::parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn keys<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<VerifyingKey>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| parse_key(t))
+        .collect::<Result<_, _>>()
+        .map_err(serde::de::Error::custom)
+}
+
+/// Parses a public key written as 64 hex digits.
+pub fn parse_key(text: &str) -> Result<VerifyingKey, String> {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut bytes)
+        .map_err(|_| format!("release key {text:?} is not 64 hex digits"))?;
+    VerifyingKey::from_bytes(&bytes)
+        .map_err(|e| format!("release key {text:?} is not an ed25519 public key: {e}"))
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The message names the file and the key (the `config` crate's wording).
+    #[error("invalid configuration {path}: {source}")]
+    Invalid {
+        path: PathBuf,
+        #[source]
+        source: config::ConfigError,
+    },
+    #[error("invalid configuration {path}: {problem}")]
+    Check { path: PathBuf, problem: String },
+}
+
+/// Loads `path` plus `FLEET_AGENT__SECTION__KEY` overrides from `env`, then checks what serde
+/// cannot. `env` is passed in (not read here) so tests and fleet-sim need no process environment.
+pub fn load(
+    path: &Path,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Config, ConfigError> {
+    let invalid = |source| ConfigError::Invalid {
+        path: path.to_owned(),
+        source,
+    };
+    let env: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    let built = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("trust.keys")
+                .with_list_parse_key("device.tags")
+                .try_parsing(true)
+                .source(Some(env)),
+        )
+        .build()
+        .map_err(invalid)?;
+    let config: Config = built.try_deserialize().map_err(invalid)?;
+    config.check().map_err(|problem| ConfigError::Check {
+        path: path.to_owned(),
+        problem,
+    })?;
+    Ok(config)
+}
+
+impl Config {
+    /// Checks relations serde cannot express; each problem names its key.
+    pub fn check(&self) -> Result<(), String> {
+        if self.trust.keys.is_empty() {
+            return Err("trust.keys: at least one release key is required".into());
+        }
+        if self.paths.root.is_relative() || self.paths.state.is_relative() {
+            return Err("paths.root and paths.state must be absolute paths".into());
+        }
+        if self.device.device_type.trim().is_empty() {
+            return Err("device.type must not be empty".into());
+        }
+        if self.trial.attempts == 0 {
+            return Err("trial.attempts must be at least 1".into());
+        }
+        if self.mqtt.reconnect_min > self.mqtt.reconnect_max {
+            return Err("mqtt.reconnect_min must not exceed mqtt.reconnect_max".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const KEY: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+
+    fn minimal() -> String {
+        format!(
+            "[device]\nid = \"cam-1\"\ntype = \"rpi4\"\n[trust]\nkeys = [\"{KEY}\"]\n[paths]\nroot = \"/tmp/r\"\nstate = \"/tmp/s\"\n"
+        )
+    }
+
+    #[test]
+    fn the_shipped_example_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), DEFAULT_CONFIG);
+        let c = load(&path, []).unwrap();
+        assert_eq!(c.device.id.as_str(), "cam-001");
+        assert_eq!(c.reports.heartbeat_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn env_overrides_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &minimal());
+        let env = [
+            ("FLEET_AGENT__MQTT__PORT".to_string(), "1999".to_string()),
+            ("FLEET_AGENT__DEVICE__TAGS".into(), "a,b".into()),
+            ("FLEET_AGENT__TRIAL__RESTORE_TIMEOUT".into(), "5s".into()),
+            ("OTHER".into(), "x".into()),
+        ];
+        let c = load(&path, env).unwrap();
+        assert_eq!(c.mqtt.port, 1999);
+        assert_eq!(c.device.tags, ["a", "b"]);
+        assert_eq!(c.trial.restore_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &(minimal() + "[app]\nbogus = 1\n"));
+        let err = load(&path, []).unwrap_err().to_string();
+        assert!(err.contains("agent.toml") && err.contains("bogus"), "{err}");
+
+        let path = write(dir.path(), &minimal().replace("cam-1", "cam/1"));
+        let err = load(&path, []).unwrap_err().to_string();
+        assert!(err.contains("device.id") || err.contains("cam/1"), "{err}");
+
+        let path = write(dir.path(), &(minimal() + "[mqtt]\nkeep_alive = \"soon\"\n"));
+        let err = load(&path, []).unwrap_err().to_string();
+        assert!(err.contains("soon") && err.contains("keep_alive"), "{err}");
+
+        let path = write(dir.path(), &minimal().replace(KEY, "abc"));
+        let err = load(&path, []).unwrap_err().to_string();
+        assert!(err.contains("64 hex digits"), "{err}");
+    }
+}

@@ -1,0 +1,876 @@
+//! The update state machine: `step(ctx, state, input, now) -> (state, actions)`. Pure: no
+//! tokio, no files, no clock. The driver (`agent.rs`) persists the returned state in the
+//! journal *before* it executes the actions, so a crash at any instant leaves a journal that
+//! [`Input::Boot`] resolves (the table in `README.md`, "Journal resolution", mirrors
+//! [`resolve`]).
+//!
+//! ```text
+//! Idle ─desired─▶ Downloading ─ok─▶ Installing ─ok─▶ Swapping ─swapped─▶ Trial ─good─▶ Idle (committed)
+//!   │  (standby has it) ─────────────────────────────▶ Swapping               └─bad──▶ RollingBack ─▶ Idle
+//!   └─ refused / failed ─▶ Idle
+//! ```
+
+use std::time::Duration;
+
+use fleet_proto::device::{
+    Desired, DeviceFacts, EventKind, Failure, Installed, Outcome, OutcomeKind, RollbackReason,
+    Slot, UpdatePhase,
+};
+use fleet_proto::hex::Sha256;
+use fleet_proto::release::{Accepted, Release, Trust, admit};
+use fleet_proto::{DeviceId, Refusal, RolloutId, SignedRelease, UnixMillis, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::trial::{self, HealthAnswer, Progress, Rules, Sample, Verdict};
+
+/// What the core needs from the agent's config and the device; fixed for a run.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    pub keys: Vec<VerifyingKey>,
+    pub skew: Duration,
+    pub device: DeviceId,
+    pub facts: DeviceFacts,
+    pub trial_attempts: u32,
+    pub failures_allowed: u32,
+    pub restore_timeout: Duration,
+}
+
+/// A release that is completely installed in a slot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlotContent {
+    pub installed: Installed,
+    pub signed: SignedRelease,
+    pub release: Release,
+}
+
+/// One desired release being worked on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub sequence: u64,
+    pub rollout: Option<RolloutId>,
+    pub retry: u32,
+    pub signed: SignedRelease,
+    pub release: Release,
+    pub digest: Sha256,
+}
+
+/// A release that failed its trial here: refused until a desired state carries a higher retry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FailedRelease {
+    pub digest: Sha256,
+    pub version: String,
+    pub retry: u32,
+}
+
+/// Where the device is in an update. Each variant is persisted before its actions run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Phase {
+    Idle,
+    /// Fetching into staging (resumable). Nothing in the slots has changed.
+    Downloading {
+        job: Job,
+    },
+    /// Unpacking into `slot` (the standby), which no longer counts as holding anything.
+    Installing {
+        job: Job,
+        slot: Slot,
+    },
+    /// `slot` is completely installed; the `active` link is about to point to it.
+    Swapping {
+        job: Job,
+        slot: Slot,
+        previous: Option<Slot>,
+    },
+    /// `slot` is active and on trial until `deadline`.
+    Trial {
+        job: Job,
+        slot: Slot,
+        previous: Option<Slot>,
+        deadline: UnixMillis,
+        attempts_left: u32,
+        progress: Progress,
+    },
+    /// Going back to `to` (or to nothing) because `from` failed; the previous version must
+    /// answer healthy before `deadline`.
+    RollingBack {
+        job: Job,
+        from: Slot,
+        to: Option<Slot>,
+        reason: RollbackReason,
+        deadline: UnixMillis,
+    },
+}
+
+impl Phase {
+    pub fn wire(&self) -> UpdatePhase {
+        match self {
+            Phase::Idle => UpdatePhase::Idle,
+            Phase::Downloading { .. } => UpdatePhase::Downloading,
+            Phase::Installing { .. } => UpdatePhase::Installing,
+            Phase::Swapping { .. } => UpdatePhase::Swapping,
+            Phase::Trial { .. } => UpdatePhase::Trial,
+            Phase::RollingBack { .. } => UpdatePhase::RollingBack,
+        }
+    }
+
+    pub fn job(&self) -> Option<&Job> {
+        match self {
+            Phase::Idle => None,
+            Phase::Downloading { job }
+            | Phase::Installing { job, .. }
+            | Phase::Swapping { job, .. }
+            | Phase::Trial { job, .. }
+            | Phase::RollingBack { job, .. } => Some(job),
+        }
+    }
+}
+
+/// Everything the agent knows durably: the journal's content.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// The release that set the highest accepted counter; never goes down.
+    pub highest: Option<Accepted>,
+    pub slot_a: Option<SlotContent>,
+    pub slot_b: Option<SlotContent>,
+    /// The slot the `active` link points to when no update is in flight.
+    pub active: Option<Slot>,
+    pub phase: Phase,
+    pub applied_sequence: u64,
+    pub last_outcome: Option<Outcome>,
+    pub failed: Vec<FailedRelease>,
+    /// The latest desired state that arrived while busy.
+    pub pending: Option<Desired>,
+    pub report_interval: Option<Duration>,
+}
+
+impl State {
+    pub fn fresh() -> State {
+        State {
+            highest: None,
+            slot_a: None,
+            slot_b: None,
+            active: None,
+            phase: Phase::Idle,
+            applied_sequence: 0,
+            last_outcome: None,
+            failed: Vec::new(),
+            pending: None,
+            report_interval: None,
+        }
+    }
+
+    pub fn slot(&self, slot: Slot) -> Option<&SlotContent> {
+        match slot {
+            Slot::A => self.slot_a.as_ref(),
+            Slot::B => self.slot_b.as_ref(),
+        }
+    }
+
+    fn slot_mut(&mut self, slot: Slot) -> &mut Option<SlotContent> {
+        match slot {
+            Slot::A => &mut self.slot_a,
+            Slot::B => &mut self.slot_b,
+        }
+    }
+
+    /// The slot that is not active: where installs go. The active slot is never written.
+    pub fn standby_slot(&self) -> Slot {
+        self.active.map(Slot::other).unwrap_or(Slot::A)
+    }
+
+    /// The slot the `active` link must point to in this state.
+    pub fn link_target(&self) -> Option<Slot> {
+        match &self.phase {
+            Phase::Trial { slot, .. } => Some(*slot),
+            Phase::RollingBack { to, .. } => *to,
+            _ => self.active,
+        }
+    }
+
+    /// The release running (or meant to run) now.
+    pub fn running(&self) -> Option<&SlotContent> {
+        self.link_target().and_then(|s| self.slot(s))
+    }
+}
+
+/// Something that happened, translated by the driver.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    /// The agent started; `link` is where the `active` symlink points.
+    Boot { link: Option<Slot> },
+    /// A desired state arrived; `disk_free` is measured on the slots' filesystem now.
+    Desired { desired: Desired, disk_free: u64 },
+    /// The artifact of job `sequence` is in staging with the right size and sha256, or not.
+    Downloaded {
+        sequence: u64,
+        result: Result<(), Failure>,
+    },
+    /// The artifact is unpacked into the standby slot and its hook ran, or not.
+    Installed {
+        sequence: u64,
+        result: Result<(), Failure>,
+    },
+    /// The `active` link now points to the new slot.
+    Swapped { sequence: u64 },
+    /// A probe of the app during a trial or a rollback.
+    Probe { sequence: u64, sample: Sample },
+}
+
+/// What the driver must do, in order, after persisting the state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Queue an event (the driver adds device, seq and time, and stores it in the outbox).
+    Emit {
+        sequence: u64,
+        rollout: Option<RolloutId>,
+        version: String,
+        kind: EventKind,
+    },
+    /// Publish the reported state.
+    Report,
+    /// Fetch the job's artifact into staging (resuming), checking size and sha256.
+    Download {
+        job: Box<Job>,
+    },
+    /// Wipe `slot`, unpack the staged artifact into it, run its post-install hook.
+    Install {
+        job: Box<Job>,
+        slot: Slot,
+    },
+    /// Remove staged artifacts.
+    DiscardStaging,
+    /// Wipe a slot whose content the journal no longer vouches for.
+    WipeSlot {
+        slot: Slot,
+    },
+    /// Point the `active` link at `to` atomically (`None`: remove it).
+    Swap {
+        to: Option<Slot>,
+    },
+    /// (Re)start the app from the given slot's release.
+    StartApp {
+        slot: Slot,
+    },
+    StopApp,
+    /// A desired state that waited while busy, to be fed back as `Input::Desired`.
+    Redeliver(Box<Desired>),
+    SetReportInterval(Duration),
+}
+
+fn emit(job: &Job, kind: EventKind) -> Action {
+    Action::Emit {
+        sequence: job.sequence,
+        rollout: job.rollout.clone(),
+        version: job.release.version.clone(),
+        kind,
+    }
+}
+
+/// Advances the state machine by one input.
+pub fn step(ctx: &Ctx, state: State, input: Input, now: UnixMillis) -> (State, Vec<Action>) {
+    let mut s = state;
+    let mut actions = Vec::new();
+    match input {
+        Input::Boot { link } => resolve(ctx, &mut s, link, now, &mut actions),
+        Input::Desired { desired, disk_free } => {
+            on_desired(ctx, &mut s, desired, disk_free, now, &mut actions)
+        }
+        Input::Downloaded { sequence, result } => {
+            let Phase::Downloading { job } = &s.phase else {
+                return (s, actions);
+            };
+            if job.sequence != sequence {
+                return (s, actions);
+            }
+            let job = job.clone();
+            match result {
+                Ok(()) => {
+                    let slot = s.standby_slot();
+                    *s.slot_mut(slot) = None;
+                    actions.push(emit(
+                        &job,
+                        EventKind::DownloadFinished {
+                            size: artifact_size(ctx, &job),
+                        },
+                    ));
+                    actions.push(emit(&job, EventKind::Verified));
+                    actions.push(Action::Install {
+                        job: Box::new(job.clone()),
+                        slot,
+                    });
+                    s.phase = Phase::Installing { job, slot };
+                    actions.push(Action::Report);
+                }
+                Err(failure) => finish_failed(&mut s, &job, failure, now, &mut actions),
+            }
+        }
+        Input::Installed { sequence, result } => {
+            let Phase::Installing { job, slot } = &s.phase else {
+                return (s, actions);
+            };
+            if job.sequence != sequence {
+                return (s, actions);
+            }
+            let (job, slot) = (job.clone(), *slot);
+            match result {
+                Ok(()) => {
+                    *s.slot_mut(slot) = Some(SlotContent {
+                        installed: Installed {
+                            name: job.release.name.clone(),
+                            version: job.release.version.clone(),
+                            counter: job.release.counter,
+                            digest: job.digest,
+                            slot,
+                        },
+                        signed: job.signed.clone(),
+                        release: job.release.clone(),
+                    });
+                    actions.push(emit(&job, EventKind::Installed { slot }));
+                    actions.push(Action::DiscardStaging);
+                    begin_swap(&mut s, job, slot, &mut actions);
+                }
+                Err(failure) => {
+                    actions.push(Action::WipeSlot { slot });
+                    actions.push(Action::DiscardStaging);
+                    finish_failed(&mut s, &job, failure, now, &mut actions);
+                }
+            }
+        }
+        Input::Swapped { sequence } => {
+            let Phase::Swapping {
+                job,
+                slot,
+                previous,
+            } = &s.phase
+            else {
+                return (s, actions);
+            };
+            if job.sequence != sequence {
+                return (s, actions);
+            }
+            let (job, slot, previous) = (job.clone(), *slot, *previous);
+            actions.push(emit(&job, EventKind::Swapped { to: slot }));
+            start_trial(
+                ctx,
+                &mut s,
+                job,
+                slot,
+                previous,
+                ctx.trial_attempts,
+                now,
+                &mut actions,
+            );
+        }
+        Input::Probe { sequence, sample } => {
+            on_probe(ctx, &mut s, sequence, sample, now, &mut actions)
+        }
+    }
+    (s, actions)
+}
+
+fn artifact_size(ctx: &Ctx, job: &Job) -> u64 {
+    job.release
+        .artifacts
+        .get(&ctx.facts.arch)
+        .map(|a| a.size)
+        .unwrap_or(0)
+}
+
+fn begin_swap(s: &mut State, job: Job, slot: Slot, actions: &mut Vec<Action>) {
+    let previous = s.active;
+    actions.push(Action::Swap { to: Some(slot) });
+    s.phase = Phase::Swapping {
+        job,
+        slot,
+        previous,
+    };
+    actions.push(Action::Report);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_trial(
+    ctx: &Ctx,
+    s: &mut State,
+    job: Job,
+    slot: Slot,
+    previous: Option<Slot>,
+    attempts_left: u32,
+    now: UnixMillis,
+    actions: &mut Vec<Action>,
+) {
+    let _ = ctx;
+    let deadline = now.saturating_add(job.release.trial.deadline);
+    actions.push(Action::StartApp { slot });
+    actions.push(emit(
+        &job,
+        EventKind::TrialStarted {
+            deadline: job.release.trial.deadline,
+        },
+    ));
+    s.phase = Phase::Trial {
+        job,
+        slot,
+        previous,
+        deadline,
+        attempts_left,
+        progress: Progress::default(),
+    };
+    actions.push(Action::Report);
+}
+
+fn rules(ctx: &Ctx, release: &Release) -> Rules {
+    Rules {
+        good_probes: release.trial.good_probes,
+        expected_version: release.health.expected_version.clone(),
+        crash_loop_restarts: release.thresholds.crash_loop_restarts,
+        crash_loop_window: release.thresholds.crash_loop_window,
+        failures_allowed: ctx.failures_allowed,
+    }
+}
+
+fn on_probe(
+    ctx: &Ctx,
+    s: &mut State,
+    sequence: u64,
+    sample: Sample,
+    now: UnixMillis,
+    actions: &mut Vec<Action>,
+) {
+    match &s.phase {
+        Phase::Trial {
+            job,
+            slot,
+            previous,
+            deadline,
+            attempts_left,
+            progress,
+        } if job.sequence == sequence => {
+            let (job, slot, previous, deadline, attempts_left) =
+                (job.clone(), *slot, *previous, *deadline, *attempts_left);
+            match trial::judge(
+                &rules(ctx, &job.release),
+                progress.clone(),
+                &sample,
+                now,
+                deadline,
+            ) {
+                Verdict::Continue(progress) => {
+                    s.phase = Phase::Trial {
+                        job,
+                        slot,
+                        previous,
+                        deadline,
+                        attempts_left,
+                        progress,
+                    };
+                }
+                Verdict::Commit => {
+                    s.active = Some(slot);
+                    s.applied_sequence = s.applied_sequence.max(job.sequence);
+                    s.last_outcome = Some(outcome(&job, OutcomeKind::Committed, now));
+                    actions.push(emit(&job, EventKind::Committed { slot }));
+                    go_idle(s, actions);
+                }
+                Verdict::RollBack(reason) => {
+                    roll_back(ctx, s, job, slot, previous, reason, now, actions)
+                }
+            }
+        }
+        Phase::RollingBack {
+            job,
+            from,
+            to,
+            reason,
+            deadline,
+        } if job.sequence == sequence => {
+            let (job, from, to, reason, deadline) =
+                (job.clone(), *from, *to, reason.clone(), *deadline);
+            let expected = to
+                .and_then(|t| s.slot(t))
+                .map(|c| c.release.health.expected_version.clone());
+            let restored_ok = matches!(
+                (&sample.health, &expected),
+                (Some(HealthAnswer::Answered { status, version }), Some(v))
+                    if version == v && matches!(status, fleet_proto::device::AppStatus::Healthy | fleet_proto::device::AppStatus::Degraded)
+            );
+            if restored_ok {
+                finish_rollback(s, &job, from, to, reason, None, now, actions);
+            } else if now >= deadline {
+                let detail = format!(
+                    "no healthy answer from the previous version before the deadline (last: {:?})",
+                    sample.health
+                );
+                finish_rollback(s, &job, from, to, reason, Some(detail), now, actions);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn roll_back(
+    ctx: &Ctx,
+    s: &mut State,
+    job: Job,
+    from: Slot,
+    to: Option<Slot>,
+    reason: RollbackReason,
+    now: UnixMillis,
+    actions: &mut Vec<Action>,
+) {
+    let to = to.filter(|t| s.slot(*t).is_some());
+    actions.push(Action::Swap { to });
+    match to {
+        Some(slot) => actions.push(Action::StartApp { slot }),
+        None => actions.push(Action::StopApp),
+    }
+    s.phase = Phase::RollingBack {
+        job: job.clone(),
+        from,
+        to,
+        reason: reason.clone(),
+        deadline: now.saturating_add(ctx.restore_timeout),
+    };
+    actions.push(Action::Report);
+    if to.is_none() {
+        // Nothing to restore: the rollback is complete once the app is stopped.
+        finish_rollback(s, &job, from, None, reason, None, now, actions);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish_rollback(
+    s: &mut State,
+    job: &Job,
+    _from: Slot,
+    to: Option<Slot>,
+    reason: RollbackReason,
+    restore_problem: Option<String>,
+    now: UnixMillis,
+    actions: &mut Vec<Action>,
+) {
+    s.active = to;
+    let restored = to
+        .and_then(|t| s.slot(t))
+        .map(|c| c.installed.version.clone());
+    remember_failed(s, job);
+    s.applied_sequence = s.applied_sequence.max(job.sequence);
+    s.last_outcome = Some(outcome(job, OutcomeKind::RolledBack(reason.clone()), now));
+    actions.push(emit(job, EventKind::RolledBack { reason, restored }));
+    if let Some(detail) = restore_problem {
+        actions.push(emit(
+            job,
+            EventKind::Failed {
+                reason: Failure::Rollback { detail },
+            },
+        ));
+    }
+    go_idle(s, actions);
+}
+
+fn remember_failed(s: &mut State, job: &Job) {
+    s.failed.retain(|f| f.digest != job.digest);
+    s.failed.push(FailedRelease {
+        digest: job.digest,
+        version: job.release.version.clone(),
+        retry: job.retry,
+    });
+    // Bounded: the oldest memories go first.
+    if s.failed.len() > 32 {
+        s.failed.remove(0);
+    }
+}
+
+fn outcome(job: &Job, result: OutcomeKind, now: UnixMillis) -> Outcome {
+    Outcome {
+        rollout: job.rollout.clone(),
+        sequence: job.sequence,
+        version: job.release.version.clone(),
+        result,
+        at: now,
+    }
+}
+
+fn finish_failed(
+    s: &mut State,
+    job: &Job,
+    failure: Failure,
+    now: UnixMillis,
+    actions: &mut Vec<Action>,
+) {
+    s.applied_sequence = s.applied_sequence.max(job.sequence);
+    s.last_outcome = Some(outcome(job, OutcomeKind::Failed(failure.clone()), now));
+    actions.push(emit(job, EventKind::Failed { reason: failure }));
+    go_idle(s, actions);
+}
+
+fn go_idle(s: &mut State, actions: &mut Vec<Action>) {
+    s.phase = Phase::Idle;
+    actions.push(Action::Report);
+    if let Some(next) = s.pending.take()
+        && next.sequence > s.applied_sequence
+    {
+        actions.push(Action::Redeliver(Box::new(next)));
+    }
+}
+
+fn on_desired(
+    ctx: &Ctx,
+    s: &mut State,
+    desired: Desired,
+    disk_free: u64,
+    now: UnixMillis,
+    actions: &mut Vec<Action>,
+) {
+    if desired.device != ctx.device || desired.sequence <= s.applied_sequence {
+        return;
+    }
+    if s.report_interval != Some(desired.report_interval) && !desired.report_interval.is_zero() {
+        s.report_interval = Some(desired.report_interval);
+        actions.push(Action::SetReportInterval(desired.report_interval));
+    }
+    if let Some(job) = s.phase.job() {
+        if job.sequence != desired.sequence
+            && s.pending
+                .as_ref()
+                .is_none_or(|p| p.sequence < desired.sequence)
+        {
+            s.pending = Some(desired);
+        }
+        return;
+    }
+    let sequence = desired.sequence;
+    let Some(signed) = desired.release else {
+        // Keep what is installed.
+        s.applied_sequence = sequence;
+        actions.push(Action::Report);
+        return;
+    };
+    let digest = signed.digest();
+    let refuse = |s: &mut State, actions: &mut Vec<Action>, version: String, reason: Refusal| {
+        s.applied_sequence = sequence;
+        s.last_outcome = Some(Outcome {
+            rollout: desired.rollout.clone(),
+            sequence,
+            version: version.clone(),
+            result: OutcomeKind::Refused(reason.clone()),
+            at: now,
+        });
+        actions.push(Action::Emit {
+            sequence,
+            rollout: desired.rollout.clone(),
+            version,
+            kind: EventKind::Refused { reason },
+        });
+        actions.push(Action::Report);
+    };
+    // Already running it: nothing to do.
+    if s.active
+        .and_then(|a| s.slot(a))
+        .is_some_and(|c| c.installed.digest == digest)
+    {
+        s.applied_sequence = sequence;
+        actions.push(Action::Report);
+        return;
+    }
+    let trust = Trust {
+        keys: &ctx.keys,
+        now,
+        skew: ctx.skew,
+        highest: s.highest.as_ref(),
+        device: &ctx.device,
+        facts: &ctx.facts,
+    };
+    let release = match admit(&signed, &trust) {
+        Ok(r) => r,
+        Err(reason) => {
+            // The version is unknown when the signature did not check; say so.
+            let version = signed
+                .open(&ctx.keys)
+                .map(|r| r.version)
+                .unwrap_or_else(|_| "(unverified)".into());
+            refuse(s, actions, version, reason);
+            return;
+        }
+    };
+    if let Some(f) = s.failed.iter().find(|f| f.digest == digest)
+        && desired.retry <= f.retry
+    {
+        let version = release.version.clone();
+        refuse(
+            s,
+            actions,
+            version.clone(),
+            Refusal::PreviouslyFailed { version },
+        );
+        return;
+    }
+    let standby = s.standby_slot();
+    let in_standby = s
+        .slot(standby)
+        .is_some_and(|c| c.installed.digest == digest);
+    if !in_standby {
+        let size = release
+            .artifacts
+            .get(&ctx.facts.arch)
+            .map(|a| a.size)
+            .unwrap_or(0);
+        let needed = size.saturating_add(release.resources.disk_bytes);
+        if needed > disk_free {
+            refuse(
+                s,
+                actions,
+                release.version.clone(),
+                Refusal::InsufficientDisk {
+                    needed,
+                    available: disk_free,
+                },
+            );
+            return;
+        }
+    }
+    if s.highest
+        .as_ref()
+        .is_none_or(|h| release.counter > h.counter)
+    {
+        s.highest = Some(Accepted {
+            counter: release.counter,
+            digest,
+            rollback_to: release.rollback_to.clone(),
+        });
+    }
+    let job = Job {
+        sequence,
+        rollout: desired.rollout.clone(),
+        retry: desired.retry,
+        signed,
+        release,
+        digest,
+    };
+    if in_standby {
+        actions.push(emit(&job, EventKind::Verified));
+        begin_swap(s, job, standby, actions);
+    } else {
+        actions.push(Action::Download {
+            job: Box::new(job.clone()),
+        });
+        s.phase = Phase::Downloading { job };
+        actions.push(Action::Report);
+    }
+}
+
+/// Resolves the journal at start. The table (also in README.md):
+///
+/// | journal phase | resolution |
+/// |---|---|
+/// | `Idle` | point `active` at the journal's active slot if it differs; start the app |
+/// | `Downloading` | resume the download (staging is kept; size + sha256 re-checked) |
+/// | `Installing` | half-finished install: wipe the standby slot, download again (a complete staged file is only re-hashed) |
+/// | `Swapping` | the install is complete: (re)do the swap, whether or not the rename happened |
+/// | `Trial` with attempts left | resume the trial with one attempt less and a fresh deadline |
+/// | `Trial`, no attempts left | roll back, reason `AgentRestarted` |
+/// | `RollingBack` | redo the swap back and restart the previous version; verify it again |
+///
+/// In every case the highest accepted counter is kept as it is.
+fn resolve(
+    ctx: &Ctx,
+    s: &mut State,
+    link: Option<Slot>,
+    now: UnixMillis,
+    actions: &mut Vec<Action>,
+) {
+    // A slot the journal does not vouch for is wiped: never run something half-written.
+    for slot in [Slot::A, Slot::B] {
+        if s.slot(slot).is_none() {
+            actions.push(Action::WipeSlot { slot });
+        }
+    }
+    match s.phase.clone() {
+        Phase::Idle => {
+            if link != s.active {
+                actions.push(Action::Swap { to: s.active });
+            }
+            if let Some(slot) = s.active {
+                actions.push(Action::StartApp { slot });
+            }
+            actions.push(Action::Report);
+            if let Some(next) = s.pending.take() {
+                actions.push(Action::Redeliver(Box::new(next)));
+            }
+        }
+        Phase::Downloading { job } => {
+            start_current(s, link, actions);
+            actions.push(Action::Download { job: Box::new(job) });
+            actions.push(Action::Report);
+        }
+        Phase::Installing { job, slot } => {
+            start_current(s, link, actions);
+            *s.slot_mut(slot) = None;
+            actions.push(Action::Download {
+                job: Box::new(job.clone()),
+            });
+            s.phase = Phase::Downloading { job };
+            actions.push(Action::Report);
+        }
+        Phase::Swapping {
+            job,
+            slot,
+            previous,
+        } => {
+            actions.push(Action::Swap { to: Some(slot) });
+            s.phase = Phase::Swapping {
+                job,
+                slot,
+                previous,
+            };
+            actions.push(Action::Report);
+        }
+        Phase::Trial {
+            job,
+            slot,
+            previous,
+            attempts_left,
+            ..
+        } => {
+            if attempts_left > 1 {
+                if link != Some(slot) {
+                    actions.push(Action::Swap { to: Some(slot) });
+                }
+                start_trial(ctx, s, job, slot, previous, attempts_left - 1, now, actions);
+            } else {
+                roll_back(
+                    ctx,
+                    s,
+                    job,
+                    slot,
+                    previous,
+                    RollbackReason::AgentRestarted,
+                    now,
+                    actions,
+                );
+            }
+        }
+        Phase::RollingBack {
+            job,
+            from,
+            to,
+            reason,
+            ..
+        } => {
+            roll_back(ctx, s, job, from, to, reason, now, actions);
+        }
+    }
+}
+
+/// Before an update reaches its swap the committed version keeps running.
+fn start_current(s: &State, link: Option<Slot>, actions: &mut Vec<Action>) {
+    if link != s.active {
+        actions.push(Action::Swap { to: s.active });
+    }
+    if let Some(slot) = s.active {
+        actions.push(Action::StartApp { slot });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,584 @@
+//! How the application runs, behind one trait: [`Process`] (the agent starts and supervises
+//! the app itself) and [`Systemd`] (`systemctl restart UNIT`, state from `systemctl show`).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+/// What to run: the active release's entrypoint, resolved by the driver.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppSpec {
+    /// `ROOT/active/<entrypoint>`: through the link, so a swap changes what runs next.
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// `ROOT/active`.
+    pub dir: PathBuf,
+}
+
+/// The runtime's view of the app.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Status {
+    pub running: bool,
+    /// Exits since the last `start`.
+    pub exits: u32,
+    pub last_exit_code: Option<i32>,
+    /// Restarts since the last `start`, and those within `window`.
+    pub restarts_total: u32,
+    pub restarts_in_window: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("systemctl {args}: {detail}")]
+    Systemctl { args: String, detail: String },
+}
+
+/// The two ways an app runs. `start` replaces whatever ran before.
+pub trait Runtime: Send {
+    fn start(
+        &mut self,
+        spec: AppSpec,
+    ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
+    fn stop(&mut self) -> impl std::future::Future<Output = ()> + Send;
+    /// Current state; restarts counted within `window`.
+    fn status(&mut self, window: Duration) -> impl std::future::Future<Output = Status> + Send;
+}
+
+/// The configured runtime.
+#[derive(Debug)]
+pub enum AnyRuntime {
+    Process(Process),
+    Systemd(Systemd),
+}
+
+impl Runtime for AnyRuntime {
+    async fn start(&mut self, spec: AppSpec) -> Result<(), RuntimeError> {
+        match self {
+            AnyRuntime::Process(p) => p.start(spec).await,
+            AnyRuntime::Systemd(s) => s.start(spec).await,
+        }
+    }
+    async fn stop(&mut self) {
+        match self {
+            AnyRuntime::Process(p) => p.stop().await,
+            AnyRuntime::Systemd(s) => s.stop().await,
+        }
+    }
+    async fn status(&mut self, window: Duration) -> Status {
+        match self {
+            AnyRuntime::Process(p) => p.status(window).await,
+            AnyRuntime::Systemd(s) => s.status(window).await,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process supervisor
+
+#[derive(Clone, Debug)]
+pub struct ProcessOptions {
+    pub stop_grace: Duration,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+    /// A run this long resets the backoff.
+    pub backoff_reset: Duration,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    running: bool,
+    pid: Option<i32>,
+    exits: u32,
+    last_exit_code: Option<i32>,
+    restarts: VecDeque<Instant>,
+    restarts_total: u32,
+}
+
+/// Starts the app as a child in its own process group, restarts it with backoff when it
+/// exits, stops it with SIGTERM then SIGKILL. The child gets `PR_SET_PDEATHSIG(SIGKILL)`, so
+/// a killed agent does not leave an orphan holding the app's port.
+#[derive(Debug)]
+pub struct Process {
+    opts: ProcessOptions,
+    shared: Arc<Mutex<Shared>>,
+    stop_tx: Option<watch::Sender<bool>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Process {
+    pub fn new(opts: ProcessOptions) -> Process {
+        Process {
+            opts,
+            shared: Arc::default(),
+            stop_tx: None,
+            task: None,
+        }
+    }
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn spawn_child(spec: &AppSpec) -> std::io::Result<tokio::process::Child> {
+    let mut cmd = tokio::process::Command::new(&spec.program);
+    cmd.args(&spec.args)
+        .current_dir(&spec.dir)
+        .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    // A script written a moment ago may still be open for writing in a forked sibling
+    // (ETXTBSY); that passes in milliseconds.
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn signal_group(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on our own child's process group.
+    unsafe {
+        libc::kill(-pid, sig);
+    }
+}
+
+impl Runtime for Process {
+    async fn start(&mut self, spec: AppSpec) -> Result<(), RuntimeError> {
+        self.stop().await;
+        {
+            let mut s = lock(&self.shared);
+            *s = Shared::default();
+        }
+        // Spawn the first child here so a missing program is reported to the caller.
+        let first = match spawn_child(&spec) {
+            Ok(c) => c,
+            Err(source) => {
+                let mut s = lock(&self.shared);
+                s.exits = 1;
+                s.last_exit_code = None;
+                return Err(RuntimeError::Spawn {
+                    program: spec.program.display().to_string(),
+                    source,
+                });
+            }
+        };
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Arc::clone(&self.shared);
+        let opts = self.opts.clone();
+        self.task = Some(tokio::spawn(supervise(spec, first, shared, opts, stop_rx)));
+        self.stop_tx = Some(stop_tx);
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        if let Some(tx) = self.stop_tx.take() {
+            let _ = tx.send(true);
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        lock(&self.shared).running = false;
+    }
+
+    async fn status(&mut self, window: Duration) -> Status {
+        let s = lock(&self.shared);
+        let now = Instant::now();
+        Status {
+            running: s.running,
+            exits: s.exits,
+            last_exit_code: s.last_exit_code,
+            restarts_total: s.restarts_total,
+            restarts_in_window: s
+                .restarts
+                .iter()
+                .filter(|t| now.duration_since(**t) <= window)
+                .count() as u32,
+        }
+    }
+}
+
+async fn supervise(
+    spec: AppSpec,
+    first: tokio::process::Child,
+    shared: Arc<Mutex<Shared>>,
+    opts: ProcessOptions,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut child = Some(first);
+    let mut backoff = opts.backoff_min;
+    loop {
+        let Some(mut c) = child.take() else { return };
+        let pid = c.id().and_then(|p| i32::try_from(p).ok());
+        let started = Instant::now();
+        {
+            let mut s = lock(&shared);
+            s.running = true;
+            s.pid = pid;
+        }
+        tokio::select! {
+            status = c.wait() => {
+                let code = status.ok().and_then(|s| {
+                    use std::os::unix::process::ExitStatusExt as _;
+                    s.code().or(s.signal().map(|sig| 128 + sig))
+                });
+                {
+                    let mut s = lock(&shared);
+                    s.running = false;
+                    s.pid = None;
+                    s.exits += 1;
+                    s.last_exit_code = code;
+                }
+                tracing::warn!(exit = ?code, "app exited; restarting in {}", humantime::format_duration(backoff));
+                if started.elapsed() >= opts.backoff_reset {
+                    backoff = opts.backoff_min;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(opts.backoff_max);
+                match spawn_child(&spec) {
+                    Ok(next) => {
+                        {
+                            let mut s = lock(&shared);
+                            s.restarts.push_back(Instant::now());
+                            if s.restarts.len() > 1000 {
+                                s.restarts.pop_front();
+                            }
+                            s.restarts_total += 1;
+                        }
+                        child = Some(next);
+                    }
+                    Err(e) => {
+                        tracing::error!("cannot restart {}: {e}", spec.program.display());
+                        {
+                            let mut s = lock(&shared);
+                            s.exits += 1;
+                            s.restarts.push_back(Instant::now());
+                            s.restarts_total += 1;
+                        }
+                        // Try again after the next backoff.
+                        loop {
+                            tokio::select! {
+                                _ = tokio::time::sleep(backoff) => {}
+                                _ = stop.changed() => return,
+                            }
+                            if let Ok(next) = spawn_child(&spec) {
+                                child = Some(next);
+                                break;
+                            }
+                            backoff = (backoff * 2).min(opts.backoff_max);
+                        }
+                    }
+                }
+            }
+            _ = stop.changed() => {
+                if let Some(pid) = pid {
+                    signal_group(pid, libc::SIGTERM);
+                    if tokio::time::timeout(opts.stop_grace, c.wait()).await.is_err() {
+                        signal_group(pid, libc::SIGKILL);
+                        let _ = c.wait().await;
+                    } else {
+                        // The group may hold helpers the app started.
+                        signal_group(pid, libc::SIGKILL);
+                    }
+                }
+                let mut s = lock(&shared);
+                s.running = false;
+                s.pid = None;
+                return;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// systemd
+
+/// Runs the app as a systemd unit the operator installed, whose `ExecStart` is the script
+/// `exec_script` (`ROOT/app-exec`) that this runtime rewrites before every start.
+#[derive(Debug)]
+pub struct Systemd {
+    pub unit: String,
+    pub exec_script: PathBuf,
+    /// NRestarts seen at the last `start` and the instants its increases were observed.
+    base_restarts: Option<u32>,
+    seen_restarts: u32,
+    restarts: VecDeque<Instant>,
+    /// ExecMainStartTimestampMonotonic at start, to count exits of the main process.
+    exits: u32,
+    last_main_pid: Option<u32>,
+}
+
+/// The properties `systemctl show` reports that the runtime reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnitState {
+    pub active_state: String,
+    pub sub_state: String,
+    pub n_restarts: u32,
+    pub exec_main_status: Option<i32>,
+    pub exec_main_pid: u32,
+}
+
+pub const SHOW_PROPERTIES: &str = "ActiveState,SubState,NRestarts,ExecMainStatus,ExecMainPID";
+
+/// Parses `systemctl show -p …` output (`Key=Value` lines).
+pub fn parse_show(text: &str) -> UnitState {
+    let mut u = UnitState::default();
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        match k {
+            "ActiveState" => u.active_state = v.to_owned(),
+            "SubState" => u.sub_state = v.to_owned(),
+            "NRestarts" => u.n_restarts = v.parse().unwrap_or(0),
+            "ExecMainStatus" => u.exec_main_status = v.parse().ok(),
+            "ExecMainPID" => u.exec_main_pid = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    u
+}
+
+/// The argv of each systemctl call, kept in one place for the tests.
+pub fn systemctl_args(verb: &str, unit: &str) -> Vec<String> {
+    match verb {
+        "show" => vec![
+            "show".into(),
+            unit.into(),
+            "--property".into(),
+            SHOW_PROPERTIES.into(),
+        ],
+        other => vec![other.into(), "--no-block".into(), unit.into()],
+    }
+}
+
+/// The script the unit's `ExecStart` runs: exports the env and execs the entrypoint.
+pub fn exec_script(spec: &AppSpec) -> String {
+    let mut out =
+        String::from("#!/bin/sh\n# Written by fleet-agent before every start; do not edit.\n");
+    out.push_str(&format!(
+        "cd {}\n",
+        shell_quote(&spec.dir.display().to_string())
+    ));
+    for (k, v) in &spec.env {
+        out.push_str(&format!("export {k}={}\n", shell_quote(v)));
+    }
+    out.push_str("exec ");
+    out.push_str(&shell_quote(&spec.program.display().to_string()));
+    for a in &spec.args {
+        out.push(' ');
+        out.push_str(&shell_quote(a));
+    }
+    out.push('\n');
+    out
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+impl Systemd {
+    pub fn new(unit: String, exec_script: PathBuf) -> Systemd {
+        Systemd {
+            unit,
+            exec_script,
+            base_restarts: None,
+            seen_restarts: 0,
+            restarts: VecDeque::new(),
+            exits: 0,
+            last_main_pid: None,
+        }
+    }
+
+    async fn systemctl(&self, verb: &str) -> Result<String, RuntimeError> {
+        let args = systemctl_args(verb, &self.unit);
+        let out = tokio::process::Command::new("systemctl")
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| RuntimeError::Systemctl {
+                args: args.join(" "),
+                detail: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(RuntimeError::Systemctl {
+                args: args.join(" "),
+                detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Folds one `systemctl show` observation into the counters.
+    pub fn observe(&mut self, u: &UnitState, now: Instant) {
+        let base = *self.base_restarts.get_or_insert(u.n_restarts);
+        let total = u.n_restarts.saturating_sub(base);
+        while self.seen_restarts < total {
+            self.seen_restarts += 1;
+            self.restarts.push_back(now);
+        }
+        if self.restarts.len() > 1000 {
+            self.restarts.pop_front();
+        }
+        // A new main PID after one was seen, or a failed state, is an exit.
+        let failed = u.active_state == "failed" || u.sub_state == "auto-restart";
+        if let Some(prev) = self.last_main_pid
+            && u.exec_main_pid != prev
+            && prev != 0
+        {
+            self.exits += 1;
+        } else if failed && self.exits == 0 {
+            self.exits = 1;
+        }
+        if u.exec_main_pid != 0 {
+            self.last_main_pid = Some(u.exec_main_pid);
+        }
+    }
+}
+
+impl Runtime for Systemd {
+    async fn start(&mut self, spec: AppSpec) -> Result<(), RuntimeError> {
+        let script = exec_script(&spec);
+        crate::fsutil::write_atomic(&self.exec_script, script.as_bytes()).map_err(|e| {
+            RuntimeError::Spawn {
+                program: self.exec_script.display().to_string(),
+                source: e,
+            }
+        })?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            let _ =
+                std::fs::set_permissions(&self.exec_script, std::fs::Permissions::from_mode(0o755));
+        }
+        self.systemctl("restart").await?;
+        self.base_restarts = None;
+        self.seen_restarts = 0;
+        self.restarts.clear();
+        self.exits = 0;
+        self.last_main_pid = None;
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        if let Err(e) = self.systemctl("stop").await {
+            tracing::warn!("{e}");
+        }
+    }
+
+    async fn status(&mut self, window: Duration) -> Status {
+        let u = match self.systemctl("show").await {
+            Ok(text) => parse_show(&text),
+            Err(e) => {
+                tracing::warn!("{e}");
+                UnitState::default()
+            }
+        };
+        let now = Instant::now();
+        self.observe(&u, now);
+        Status {
+            running: u.active_state == "active" && u.sub_state == "running",
+            exits: self.exits,
+            last_exit_code: u.exec_main_status,
+            restarts_total: self.seen_restarts,
+            restarts_in_window: self
+                .restarts
+                .iter()
+                .filter(|t| now.duration_since(**t) <= window)
+                .count() as u32,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_systemctl_show() {
+        let text = "ActiveState=activating\nSubState=auto-restart\nNRestarts=4\nExecMainStatus=3\nExecMainPID=0\nJunk\n";
+        assert_eq!(
+            parse_show(text),
+            UnitState {
+                active_state: "activating".into(),
+                sub_state: "auto-restart".into(),
+                n_restarts: 4,
+                exec_main_status: Some(3),
+                exec_main_pid: 0,
+            }
+        );
+        assert_eq!(parse_show(""), UnitState::default());
+    }
+
+    #[test]
+    fn builds_systemctl_commands() {
+        assert_eq!(
+            systemctl_args("restart", "app.service"),
+            ["restart", "--no-block", "app.service"]
+        );
+        assert_eq!(
+            systemctl_args("show", "app.service"),
+            ["show", "app.service", "--property", SHOW_PROPERTIES]
+        );
+        let spec = AppSpec {
+            program: "/opt/fleet/app/active/bin/app".into(),
+            args: vec!["--port".into(), "80'80".into()],
+            env: vec![("FLEET_DEVICE_ID".into(), "cam-1".into())],
+            dir: "/opt/fleet/app/active".into(),
+        };
+        assert_eq!(
+            exec_script(&spec),
+            "#!/bin/sh\n# Written by fleet-agent before every start; do not edit.\ncd '/opt/fleet/app/active'\nexport FLEET_DEVICE_ID='cam-1'\nexec '/opt/fleet/app/active/bin/app' '--port' '80'\\''80'\n"
+        );
+    }
+
+    #[test]
+    fn counts_restarts_from_nrestarts() {
+        let mut s = Systemd::new("a".into(), "/x".into());
+        let t0 = Instant::now();
+        let u = |n, pid| UnitState {
+            active_state: "active".into(),
+            sub_state: "running".into(),
+            n_restarts: n,
+            exec_main_status: Some(0),
+            exec_main_pid: pid,
+        };
+        s.observe(&u(5, 10), t0);
+        assert_eq!((s.seen_restarts, s.exits), (0, 0));
+        s.observe(&u(7, 11), t0);
+        assert_eq!((s.seen_restarts, s.exits), (2, 1));
+        s.observe(&u(7, 11), t0);
+        assert_eq!((s.seen_restarts, s.exits), (2, 1));
+    }
+}
