@@ -1,1 +1,712 @@
+//! Table-driven tests of the update machine: a script of inputs, and after each the phase and
+//! the kinds of actions expected, through one `check` helper.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fleet_proto::device::{AppStatus, Desired, DeviceFacts, EventKind, OutcomeKind, Slot};
+use fleet_proto::hex::Sha256;
+use fleet_proto::release::*;
+use fleet_proto::{DeviceId, SigningKey, UnixMillis};
+
+use super::*;
+use crate::trial::{HealthAnswer, Sample};
+
+const NOW: UnixMillis = UnixMillis(1_795_773_600_000);
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[7; 32])
+}
+
+fn dev() -> DeviceId {
+    DeviceId::new("cam-1").unwrap()
+}
+
+fn ctx() -> Ctx {
+    Ctx {
+        keys: vec![key().verifying_key()],
+        skew: Duration::from_secs(60),
+        device: dev(),
+        facts: DeviceFacts {
+            device_type: "rpi4".into(),
+            arch: Arch::X86_64,
+            region: "eu".into(),
+            tags: vec![],
+            agent_version: "0".into(),
+            runtime: "process".into(),
+            memory_total_bytes: 1 << 30,
+            disk_total_bytes: 1 << 34,
+        },
+        trial_attempts: 2,
+        failures_allowed: 2,
+        restore_timeout: Duration::from_secs(30),
+    }
+}
+
+fn release(counter: u64, version: &str) -> Release {
+    Release {
+        name: "app".into(),
+        version: version.into(),
+        counter,
+        not_before: UnixMillis(NOW.0 - 1000),
+        expires: UnixMillis(NOW.0 + 86_400_000),
+        hardware: vec!["rpi4".into()],
+        rollback_to: None,
+        artifacts: BTreeMap::from([(
+            Arch::X86_64,
+            Artifact {
+                url: "file:///a".into(),
+                sha256: Sha256::of(version.as_bytes()),
+                size: 100,
+            },
+        )]),
+        run: Run {
+            entrypoint: "run".into(),
+            args: vec![],
+            env: BTreeMap::new(),
+        },
+        resources: Resources {
+            disk_bytes: 1000,
+            memory_bytes: 1,
+        },
+        health: HealthCheck {
+            endpoint: "http://127.0.0.1:{port}/health".into(),
+            expected_version: version.into(),
+            timeout: Duration::from_secs(1),
+        },
+        probe: None,
+        trial: Trial {
+            deadline: Duration::from_secs(60),
+            good_probes: 2,
+            probe_interval: Duration::from_secs(1),
+        },
+        strategy: Strategy {
+            kind: StrategyKind::CanaryRolling,
+            canary_percent: 5.0,
+            waves: vec![100],
+            canary_soak: Duration::from_secs(1),
+            wave_soak: Duration::from_secs(1),
+            approval: Approval::Auto,
+        },
+        target: Target::default(),
+        thresholds: Thresholds::default(),
+    }
+}
+
+fn desired(sequence: u64, r: Option<&Release>, retry: u32) -> Input {
+    Input::Desired {
+        desired: Desired {
+            device: dev(),
+            sequence,
+            rollout: None,
+            release: r.map(|r| SignedRelease::sign(r, &key())),
+            report_interval: Duration::from_secs(10),
+            retry,
+        },
+        disk_free: 1 << 30,
+    }
+}
+
+fn sample(version: &str, status: AppStatus) -> Sample {
+    Sample {
+        running: true,
+        exits: 0,
+        last_exit_code: None,
+        restarts_in_window: 0,
+        health: Some(HealthAnswer::Answered {
+            status,
+            version: version.into(),
+        }),
+        probe: None,
+    }
+}
+
+fn probe(sequence: u64, s: Sample) -> Input {
+    Input::Probe {
+        sequence,
+        sample: s,
+    }
+}
+
+/// A compact name for an action, so the tables read as scripts.
+fn name(a: &Action) -> String {
+    match a {
+        Action::Emit { kind, .. } => match kind {
+            EventKind::DownloadStarted { .. } => "E:DownloadStarted".into(),
+            EventKind::DownloadFinished { .. } => "E:DownloadFinished".into(),
+            EventKind::Verified => "E:Verified".into(),
+            EventKind::Installed { .. } => "E:Installed".into(),
+            EventKind::Swapped { .. } => "E:Swapped".into(),
+            EventKind::TrialStarted { .. } => "E:TrialStarted".into(),
+            EventKind::Committed { .. } => "E:Committed".into(),
+            EventKind::RolledBack { reason, .. } => format!("E:RolledBack({reason})"),
+            EventKind::Refused { reason } => format!("E:Refused({reason})"),
+            EventKind::Failed { reason } => format!("E:Failed({reason})"),
+        },
+        Action::Report => "Report".into(),
+        Action::Download { .. } => "Download".into(),
+        Action::Install { slot, .. } => format!("Install({slot})"),
+        Action::DiscardStaging => "DiscardStaging".into(),
+        Action::WipeSlot { slot } => format!("Wipe({slot})"),
+        Action::Swap { to } => format!(
+            "Swap({})",
+            to.map(|s| s.to_string()).unwrap_or("none".into())
+        ),
+        Action::StartApp { slot } => format!("Start({slot})"),
+        Action::StopApp => "Stop".into(),
+        Action::Redeliver(_) => "Redeliver".into(),
+        Action::SetReportInterval(_) => "Interval".into(),
+    }
+}
+
+/// Runs `script` from `state`: each row is an input, the phase after it, and the actions (by
+/// name, `Report` and `Interval` left out for brevity).
+#[track_caller]
+fn check(mut state: State, script: Vec<(Input, UpdatePhase, &[&str])>) -> State {
+    let ctx = ctx();
+    for (i, (input, phase, want)) in script.into_iter().enumerate() {
+        let shown = format!("{input:?}").chars().take(80).collect::<String>();
+        let (next, actions) = step(&ctx, state, input, NOW);
+        let got: Vec<String> = actions
+            .iter()
+            .map(name)
+            .filter(|n| n != "Report" && n != "Interval")
+            .collect();
+        assert_eq!(got, want, "row {i}: {shown}");
+        assert_eq!(next.phase.wire(), phase, "row {i}: {shown}");
+        state = next;
+    }
+    state
+}
+
+/// A device running v1 committed in slot A.
+fn running_v1() -> State {
+    let r1 = release(1, "1.0");
+    let s = check(
+        State::fresh(),
+        vec![
+            (
+                desired(1, Some(&r1), 0),
+                UpdatePhase::Downloading,
+                &["Download"],
+            ),
+            (
+                Input::Downloaded {
+                    sequence: 1,
+                    result: Ok(()),
+                },
+                UpdatePhase::Installing,
+                &["E:DownloadFinished", "E:Verified", "Install(slot-a)"],
+            ),
+            (
+                Input::Installed {
+                    sequence: 1,
+                    result: Ok(()),
+                },
+                UpdatePhase::Swapping,
+                &["E:Installed", "DiscardStaging", "Swap(slot-a)"],
+            ),
+            (
+                Input::Swapped { sequence: 1 },
+                UpdatePhase::Trial,
+                &["E:Swapped", "Start(slot-a)", "E:TrialStarted"],
+            ),
+            (
+                probe(1, sample("1.0", AppStatus::Healthy)),
+                UpdatePhase::Trial,
+                &[],
+            ),
+            (
+                probe(1, sample("1.0", AppStatus::Healthy)),
+                UpdatePhase::Idle,
+                &["E:Committed"],
+            ),
+        ],
+    );
+    assert_eq!(s.active, Some(Slot::A));
+    assert_eq!(s.applied_sequence, 1);
+    assert_eq!(s.highest.as_ref().map(|h| h.counter), Some(1));
+    s
+}
+
+/// v2 installed in B and on trial.
+fn trial_v2() -> State {
+    let r2 = release(2, "2.0");
+    check(
+        running_v1(),
+        vec![
+            (
+                desired(2, Some(&r2), 0),
+                UpdatePhase::Downloading,
+                &["Download"],
+            ),
+            (
+                Input::Downloaded {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Installing,
+                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
+            ),
+            (
+                Input::Installed {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Swapping,
+                &["E:Installed", "DiscardStaging", "Swap(slot-b)"],
+            ),
+            (
+                Input::Swapped { sequence: 2 },
+                UpdatePhase::Trial,
+                &["E:Swapped", "Start(slot-b)", "E:TrialStarted"],
+            ),
+        ],
+    )
+}
+
+#[test]
+fn good_release_commits_and_keeps_the_previous_in_standby() {
+    let s = check(
+        trial_v2(),
+        vec![
+            (
+                probe(2, sample("2.0", AppStatus::Healthy)),
+                UpdatePhase::Trial,
+                &[],
+            ),
+            (
+                probe(2, sample("2.0", AppStatus::Healthy)),
+                UpdatePhase::Idle,
+                &["E:Committed"],
+            ),
+        ],
+    );
+    assert_eq!(s.active, Some(Slot::B));
+    assert_eq!(
+        s.slot(Slot::A).map(|c| c.installed.version.as_str()),
+        Some("1.0")
+    );
+    assert!(matches!(
+        s.last_outcome.as_ref().map(|o| &o.result),
+        Some(OutcomeKind::Committed)
+    ));
+}
+
+#[test]
+fn bad_release_rolls_back_and_is_remembered() {
+    let s = check(
+        trial_v2(),
+        vec![
+            (
+                probe(2, sample("9.9", AppStatus::Healthy)),
+                UpdatePhase::RollingBack,
+                &["Swap(slot-a)", "Start(slot-a)"],
+            ),
+            // The old version answers: the rollback is complete.
+            (
+                probe(2, sample("1.0", AppStatus::Healthy)),
+                UpdatePhase::Idle,
+                &["E:RolledBack(health endpoint reported version 9.9, expected 2.0)"],
+            ),
+        ],
+    );
+    assert_eq!(s.active, Some(Slot::A));
+    assert_eq!(s.applied_sequence, 2);
+    assert_eq!(s.failed.len(), 1);
+    // Asked again with the same retry: refused. With a higher retry: swapped back in without a
+    // download, since slot B still holds it.
+    let r2 = release(2, "2.0");
+    check(
+        s,
+        vec![
+            (
+                desired(3, Some(&r2), 0),
+                UpdatePhase::Idle,
+                &[
+                    "E:Refused(version 2.0 already failed its trial on this device; the coordinator must ask explicitly to retry it)",
+                ],
+            ),
+            (
+                desired(4, Some(&r2), 1),
+                UpdatePhase::Swapping,
+                &["E:Verified", "Swap(slot-b)"],
+            ),
+        ],
+    );
+}
+
+#[test]
+fn refusals_leave_everything_alone() {
+    let s0 = running_v1();
+    let mut expired = release(5, "5.0");
+    expired.expires = UnixMillis(NOW.0 - 3_600_000);
+    expired.not_before = UnixMillis(NOW.0 - 7_200_000);
+    let mut wrong_hw = release(5, "5.0");
+    wrong_hw.hardware = vec!["jetson".into()];
+    let older = release(0, "0.9");
+    let mut big = release(5, "5.0");
+    big.resources.disk_bytes = 2 << 30;
+    let other_key = SigningKey::from_bytes(&[9; 32]);
+    let mut forged = SignedRelease::sign(&release(5, "5.0"), &key());
+    forged.signature = SignedRelease::sign(&release(5, "5.0"), &other_key).signature;
+    let cases: Vec<(Input, &str)> = vec![
+        (desired(2, Some(&expired), 0), "expired at"),
+        (desired(2, Some(&wrong_hw), 0), "not for device type rpi4"),
+        (desired(2, Some(&older), 0), "below the highest accepted 1"),
+        (
+            desired(2, Some(&big), 0),
+            "needs 2147483748 bytes of free disk, 1073741824 available",
+        ),
+        (
+            Input::Desired {
+                desired: Desired {
+                    device: dev(),
+                    sequence: 2,
+                    rollout: None,
+                    release: Some(forged),
+                    report_interval: Duration::from_secs(10),
+                    retry: 0,
+                },
+                disk_free: 1 << 30,
+            },
+            "bad signature",
+        ),
+    ];
+    for (input, want) in cases {
+        let (s, actions) = step(&ctx(), s0.clone(), input, NOW);
+        let names: Vec<String> = actions.iter().map(name).collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with("E:Refused") && n.contains(want)),
+            "{names:?} lacks {want}"
+        );
+        assert!(
+            !names.iter().any(|n| n.starts_with("Swap")
+                || n.starts_with("Download")
+                || n.starts_with("Wipe"))
+        );
+        assert_eq!(s.active, s0.active);
+        assert_eq!(
+            (s.slot_a.clone(), s.slot_b.clone()),
+            (s0.slot_a.clone(), s0.slot_b.clone())
+        );
+        assert_eq!(s.highest, s0.highest);
+        assert_eq!(s.applied_sequence, 2);
+    }
+}
+
+#[test]
+fn signed_rollback_is_admitted_and_the_counter_never_goes_down() {
+    let s = check(
+        trial_v2(),
+        vec![
+            (
+                probe(2, sample("2.0", AppStatus::Healthy)),
+                UpdatePhase::Trial,
+                &[],
+            ),
+            (
+                probe(2, sample("2.0", AppStatus::Healthy)),
+                UpdatePhase::Idle,
+                &["E:Committed"],
+            ),
+        ],
+    );
+    // v3 authorises a rollback to v1 (counter 1).
+    let mut r3 = release(3, "3.0");
+    r3.rollback_to = Some(RollbackTo {
+        counter: 1,
+        version: "1.0".into(),
+    });
+    let s = check(
+        s,
+        vec![(
+            desired(3, Some(&r3), 0),
+            UpdatePhase::Downloading,
+            &["Download"],
+        )],
+    );
+    let s = check(
+        s,
+        vec![(
+            Input::Downloaded {
+                sequence: 3,
+                result: Err(Failure::Download { detail: "x".into() }),
+            },
+            UpdatePhase::Idle,
+            &["E:Failed(download failed: x)"],
+        )],
+    );
+    assert_eq!(s.highest.as_ref().map(|h| h.counter), Some(3));
+    // v1 is in standby (slot A): swapped back without a download.
+    let s = check(
+        s,
+        vec![(
+            desired(4, Some(&release(1, "1.0")), 0),
+            UpdatePhase::Swapping,
+            &["E:Verified", "Swap(slot-a)"],
+        )],
+    );
+    assert_eq!(s.highest.as_ref().map(|h| h.counter), Some(3));
+}
+
+#[test]
+fn desired_is_level_triggered() {
+    let s = running_v1();
+    // Redelivery of the applied sequence (retained, after reconnect) does nothing.
+    let r1 = release(1, "1.0");
+    check(
+        s.clone(),
+        vec![(desired(1, Some(&r1), 0), UpdatePhase::Idle, &[])],
+    );
+    // None: keep what is installed.
+    let s2 = check(
+        s.clone(),
+        vec![(desired(5, None, 0), UpdatePhase::Idle, &[])],
+    );
+    assert_eq!(s2.applied_sequence, 5);
+    // Same release again under a new sequence: applied without work.
+    let s3 = check(s, vec![(desired(6, Some(&r1), 0), UpdatePhase::Idle, &[])]);
+    assert_eq!(s3.applied_sequence, 6);
+    // While busy, the latest desired waits and is redelivered when the update ends.
+    let s = trial_v2();
+    let s = check(
+        s,
+        vec![
+            (desired(7, None, 0), UpdatePhase::Trial, &[]),
+            (desired(8, None, 0), UpdatePhase::Trial, &[]),
+        ],
+    );
+    assert_eq!(s.pending.as_ref().map(|d| d.sequence), Some(8));
+    check(
+        s,
+        vec![
+            (
+                probe(2, sample("2.0", AppStatus::Healthy)),
+                UpdatePhase::Trial,
+                &[],
+            ),
+            (
+                probe(2, sample("2.0", AppStatus::Healthy)),
+                UpdatePhase::Idle,
+                &["E:Committed", "Redeliver"],
+            ),
+        ],
+    );
+}
+
+#[test]
+fn journal_resolution_table() {
+    let link_b = Input::Boot {
+        link: Some(Slot::B),
+    };
+    let link_a = Input::Boot {
+        link: Some(Slot::A),
+    };
+    // Idle: start the committed version; fix a stray link.
+    check(
+        running_v1(),
+        vec![(
+            Input::Boot {
+                link: Some(Slot::A),
+            },
+            UpdatePhase::Idle,
+            &["Wipe(slot-b)", "Start(slot-a)"],
+        )],
+    );
+    check(
+        running_v1(),
+        vec![(
+            Input::Boot { link: None },
+            UpdatePhase::Idle,
+            &["Wipe(slot-b)", "Swap(slot-a)", "Start(slot-a)"],
+        )],
+    );
+    // Downloading: keep running v1, resume the download.
+    let r2 = release(2, "2.0");
+    let downloading = check(
+        running_v1(),
+        vec![(
+            desired(2, Some(&r2), 0),
+            UpdatePhase::Downloading,
+            &["Download"],
+        )],
+    );
+    check(
+        downloading.clone(),
+        vec![(
+            link_a.clone(),
+            UpdatePhase::Downloading,
+            &["Wipe(slot-b)", "Start(slot-a)", "Download"],
+        )],
+    );
+    // Installing: half-finished install discarded, download (re-check) again.
+    let installing = check(
+        downloading,
+        vec![(
+            Input::Downloaded {
+                sequence: 2,
+                result: Ok(()),
+            },
+            UpdatePhase::Installing,
+            &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
+        )],
+    );
+    check(
+        installing.clone(),
+        vec![(
+            link_a.clone(),
+            UpdatePhase::Downloading,
+            &["Wipe(slot-b)", "Start(slot-a)", "Download"],
+        )],
+    );
+    // Swapping: redo the swap whether or not the rename happened, then trial.
+    let swapping = check(
+        installing,
+        vec![(
+            Input::Installed {
+                sequence: 2,
+                result: Ok(()),
+            },
+            UpdatePhase::Swapping,
+            &["E:Installed", "DiscardStaging", "Swap(slot-b)"],
+        )],
+    );
+    for link in [link_a.clone(), link_b.clone()] {
+        check(
+            swapping.clone(),
+            vec![(link, UpdatePhase::Swapping, &["Swap(slot-b)"])],
+        );
+    }
+    // Trial with attempts left: resume with one less; then none left: roll back.
+    let t = trial_v2();
+    let t = check(
+        t,
+        vec![(
+            link_b.clone(),
+            UpdatePhase::Trial,
+            &["Start(slot-b)", "E:TrialStarted"],
+        )],
+    );
+    let Phase::Trial { attempts_left, .. } = &t.phase else {
+        panic!()
+    };
+    assert_eq!(*attempts_left, 1);
+    let t = check(
+        t,
+        vec![(
+            link_b.clone(),
+            UpdatePhase::RollingBack,
+            &["Swap(slot-a)", "Start(slot-a)"],
+        )],
+    );
+    // RollingBack: redo the swap back and verify again.
+    let t = check(
+        t,
+        vec![(
+            link_b,
+            UpdatePhase::RollingBack,
+            &["Swap(slot-a)", "Start(slot-a)"],
+        )],
+    );
+    let t = check(
+        t,
+        vec![(
+            probe(2, sample("1.0", AppStatus::Healthy)),
+            UpdatePhase::Idle,
+            &["E:RolledBack(the agent restarted during the trial and no attempts were left)"],
+        )],
+    );
+    assert_eq!(t.active, Some(Slot::A));
+    assert_eq!(t.highest.as_ref().map(|h| h.counter), Some(2));
+}
+
+#[test]
+fn failed_install_wipes_the_standby_and_a_first_install_rolls_back_to_nothing() {
+    let r2 = release(2, "2.0");
+    check(
+        running_v1(),
+        vec![
+            (
+                desired(2, Some(&r2), 0),
+                UpdatePhase::Downloading,
+                &["Download"],
+            ),
+            (
+                Input::Downloaded {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Installing,
+                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
+            ),
+            (
+                Input::Installed {
+                    sequence: 2,
+                    result: Err(Failure::Hook {
+                        detail: "exit 1".into(),
+                    }),
+                },
+                UpdatePhase::Idle,
+                &[
+                    "Wipe(slot-b)",
+                    "DiscardStaging",
+                    "E:Failed(post-install hook failed: exit 1)",
+                ],
+            ),
+        ],
+    );
+    let r1 = release(1, "1.0");
+    let s = check(
+        State::fresh(),
+        vec![
+            (
+                desired(1, Some(&r1), 0),
+                UpdatePhase::Downloading,
+                &["Download"],
+            ),
+            (
+                Input::Downloaded {
+                    sequence: 1,
+                    result: Ok(()),
+                },
+                UpdatePhase::Installing,
+                &["E:DownloadFinished", "E:Verified", "Install(slot-a)"],
+            ),
+            (
+                Input::Installed {
+                    sequence: 1,
+                    result: Ok(()),
+                },
+                UpdatePhase::Swapping,
+                &["E:Installed", "DiscardStaging", "Swap(slot-a)"],
+            ),
+            (
+                Input::Swapped { sequence: 1 },
+                UpdatePhase::Trial,
+                &["E:Swapped", "Start(slot-a)", "E:TrialStarted"],
+            ),
+            (
+                probe(
+                    1,
+                    Sample {
+                        running: false,
+                        exits: 1,
+                        last_exit_code: Some(3),
+                        health: None,
+                        ..sample("1.0", AppStatus::Healthy)
+                    },
+                ),
+                UpdatePhase::Idle,
+                &[
+                    "Swap(none)",
+                    "Stop",
+                    "E:RolledBack(the new version exited at start (exit status Some(3)))",
+                ],
+            ),
+        ],
+    );
+    assert_eq!(s.active, None);
+}
