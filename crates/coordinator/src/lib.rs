@@ -1,0 +1,38 @@
+//! fleet's coordinator: device registry, health-gated rollouts in waves, automatic rollback,
+//! and the MQTT broker devices talk to.
+//!
+//! # Layout
+//! Pure core (no I/O, no clock, no tokio):
+//! - [`baseline`]: health samples, running aggregates, the pre-rollout baseline.
+//! - [`gate`]: Wilson bounds, triggers, the gate verdict, trend detection.
+//! - [`waves`]: target selection, canary selection, percentage waves.
+//! - [`checklist`]: the pre-deployment checklist against the registry.
+//! - [`engine`]: one rollout's lifecycle, `(state, event, now) -> (state, actions)`.
+//! - [`report`]: the deployment report and its Markdown.
+//! - [`model`]: what the core knows about a device.
+//!
+//! Drivers and I/O:
+//! - [`config`]: the configuration file and environment overrides.
+//! - [`registry`]: SQLite: devices, releases, desired states, rollouts, waves, assignments,
+//!   baselines, the outbox and the append-only audit trail; migrations.
+//! - [`broker`]: the embedded rumqttd or an external broker, and the coordinator's MQTT link.
+//! - [`driver`]: receive → event → step → commit → publish.
+//! - [`http`]: `/metrics`, `/api/v1/…`, `/artifacts/{sha256}`.
+//! - [`metrics`]: counters behind `/metrics`.
+
+pub mod baseline;
+pub mod broker;
+pub mod checklist;
+pub mod config;
+pub mod driver;
+pub mod engine;
+pub mod gate;
+pub mod http;
+pub mod metrics;
+pub mod model;
+pub mod registry;
+pub mod report;
+pub mod waves;
+
+pub use config::Config;
+pub use driver::{Running, run, start};

@@ -1,0 +1,194 @@
+//! Counters and gauges behind `/metrics` (Prometheus text format).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fleet_proto::frame::Kind;
+use fleet_proto::rollout::RolloutState;
+
+use crate::gate::Trigger;
+
+/// Everything `/metrics` shows. Counters are atomics (the driver bumps them); gauges are a
+/// snapshot the driver refreshes on every tick.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub reports: [AtomicU64; 5],
+    pub decode_errors: [AtomicU64; 8],
+    pub lost_reports: AtomicU64,
+    pub id_mismatches: AtomicU64,
+    pub commands: AtomicU64,
+    pub publishes: AtomicU64,
+    pub triggers: Mutex<BTreeMap<String, u64>>,
+    pub gauges: Mutex<Gauges>,
+}
+
+/// Point-in-time values.
+#[derive(Clone, Debug, Default)]
+pub struct Gauges {
+    pub devices_by_status: BTreeMap<&'static str, u64>,
+    pub rollouts: Vec<RolloutState>,
+    pub reports_per_second: f64,
+    pub discrepancies: u64,
+}
+
+fn kind_index(k: Kind) -> usize {
+    Kind::ALL.iter().position(|x| *x == k).unwrap_or(0)
+}
+
+/// The report kinds counted in `fleet_reports_total`.
+pub const REPORT_KINDS: [Kind; 5] = [
+    Kind::State,
+    Kind::Heartbeat,
+    Kind::Event,
+    Kind::Online,
+    Kind::Command,
+];
+
+impl Metrics {
+    pub fn report(&self, k: Kind) {
+        if let Some(i) = REPORT_KINDS.iter().position(|x| *x == k) {
+            self.reports[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn reports_total(&self) -> u64 {
+        self.reports.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn decode_error(&self, k: Kind) {
+        self.decode_errors[kind_index(k)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn decode_errors(&self, k: Kind) -> u64 {
+        self.decode_errors[kind_index(k)].load(Ordering::Relaxed)
+    }
+
+    pub fn trigger(&self, t: &Trigger) {
+        if let Ok(mut m) = self.triggers.lock() {
+            *m.entry(t.as_str().to_owned()).or_insert(0) += 1;
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let g = self.gauges.lock().map(|g| g.clone()).unwrap_or_default();
+        let _ = writeln!(o, "# HELP fleet_devices Devices in the registry by status.");
+        let _ = writeln!(o, "# TYPE fleet_devices gauge");
+        for status in ["online", "offline", "quarantined"] {
+            let n = g.devices_by_status.get(status).copied().unwrap_or(0);
+            let _ = writeln!(o, "fleet_devices{{status=\"{status}\"}} {n}");
+        }
+        let _ = writeln!(
+            o,
+            "# HELP fleet_device_discrepancies Devices with an unresolved registry discrepancy."
+        );
+        let _ = writeln!(o, "# TYPE fleet_device_discrepancies gauge");
+        let _ = writeln!(o, "fleet_device_discrepancies {}", g.discrepancies);
+        let _ = writeln!(o, "# HELP fleet_rollouts Rollouts by phase and status.");
+        let _ = writeln!(o, "# TYPE fleet_rollouts gauge");
+        let mut by: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for r in &g.rollouts {
+            *by.entry((r.phase.to_string(), r.status.to_string()))
+                .or_insert(0) += 1;
+        }
+        for ((phase, status), n) in by {
+            let _ = writeln!(
+                o,
+                "fleet_rollouts{{phase=\"{phase}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP fleet_reports_total Device reports and operator commands received."
+        );
+        let _ = writeln!(o, "# TYPE fleet_reports_total counter");
+        for (i, k) in REPORT_KINDS.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "fleet_reports_total{{kind=\"{}\"}} {}",
+                kind_label(*k),
+                self.reports[i].load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP fleet_reports_per_second Device reports per second over the last tick."
+        );
+        let _ = writeln!(o, "# TYPE fleet_reports_per_second gauge");
+        let _ = writeln!(o, "fleet_reports_per_second {:.1}", g.reports_per_second);
+        let _ = writeln!(
+            o,
+            "# HELP fleet_decode_errors_total Frames that did not decode, dropped."
+        );
+        let _ = writeln!(o, "# TYPE fleet_decode_errors_total counter");
+        for k in Kind::ALL {
+            let _ = writeln!(
+                o,
+                "fleet_decode_errors_total{{kind=\"{}\"}} {}",
+                kind_label(k),
+                self.decode_errors(k)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP fleet_lost_reports_total Gaps in per-device report sequence numbers."
+        );
+        let _ = writeln!(o, "# TYPE fleet_lost_reports_total counter");
+        let _ = writeln!(
+            o,
+            "fleet_lost_reports_total {}",
+            self.lost_reports.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP fleet_rejected_reports_total Reports whose payload device id differs from the topic's."
+        );
+        let _ = writeln!(o, "# TYPE fleet_rejected_reports_total counter");
+        let _ = writeln!(
+            o,
+            "fleet_rejected_reports_total {}",
+            self.id_mismatches.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP fleet_trigger_firings_total Rollback triggers that fired."
+        );
+        let _ = writeln!(o, "# TYPE fleet_trigger_firings_total counter");
+        let fired = self.triggers.lock().map(|m| m.clone()).unwrap_or_default();
+        for t in Trigger::ALL {
+            let n = fired.get(t.as_str()).copied().unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "fleet_trigger_firings_total{{trigger=\"{}\"}} {n}",
+                t.as_str()
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP fleet_publishes_total Messages the coordinator published."
+        );
+        let _ = writeln!(o, "# TYPE fleet_publishes_total counter");
+        let _ = writeln!(
+            o,
+            "fleet_publishes_total {}",
+            self.publishes.load(Ordering::Relaxed)
+        );
+        o
+    }
+}
+
+pub fn kind_label(k: Kind) -> &'static str {
+    match k {
+        Kind::Desired => "desired",
+        Kind::State => "state",
+        Kind::Heartbeat => "heartbeat",
+        Kind::Event => "event",
+        Kind::Online => "online",
+        Kind::Command => "command",
+        Kind::Reply => "reply",
+        Kind::RolloutState => "rollout_state",
+    }
+}

@@ -1,0 +1,190 @@
+//! What the pure core knows about a device: a snapshot of its registry row.
+
+use fleet_proto::device::{DeviceFacts, Installed, OutcomeKind};
+use fleet_proto::hex::Sha256;
+use fleet_proto::{DeviceId, RolloutId, UnixMillis};
+use serde::{Deserialize, Serialize};
+
+use crate::baseline::Sample;
+
+/// One device as the registry knows it (the device is the source of truth; this is the latest
+/// it told us).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub id: DeviceId,
+    pub facts: Option<DeviceFacts>,
+    pub online: bool,
+    pub quarantined: Option<String>,
+    /// Registry and device disagreed and nobody resolved it.
+    pub discrepancy: Option<String>,
+    pub active: Option<Installed>,
+    pub standby: Option<Installed>,
+    pub highest_counter: u64,
+    pub applied_sequence: u64,
+    pub last_outcome: Option<LastOutcome>,
+    pub last_seen: Option<UnixMillis>,
+    pub last_heartbeat_at: Option<UnixMillis>,
+    pub health: Option<Sample>,
+    pub disk_free_bytes: Option<u64>,
+    /// The sequence of the latest desired state published to it (0: none yet).
+    pub desired_sequence: u64,
+    pub desired_retry: u32,
+    /// The non-final rollout this device belongs to, if any.
+    pub rollout: Option<RolloutId>,
+}
+
+/// The device's latest reported outcome, condensed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LastOutcome {
+    pub version: String,
+    pub sequence: u64,
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl LastOutcome {
+    pub fn from_kind(version: &str, sequence: u64, kind: &OutcomeKind) -> LastOutcome {
+        let (ok, detail) = match kind {
+            OutcomeKind::Committed => (true, "committed".to_owned()),
+            OutcomeKind::RolledBack(r) => (false, format!("rolled back: {r}")),
+            OutcomeKind::Refused(r) => (false, format!("refused: {r}")),
+            OutcomeKind::Failed(f) => (false, format!("failed: {f}")),
+        };
+        LastOutcome {
+            version: version.to_owned(),
+            sequence,
+            ok,
+            detail,
+        }
+    }
+}
+
+impl DeviceInfo {
+    pub fn new(id: DeviceId) -> DeviceInfo {
+        DeviceInfo {
+            id,
+            facts: None,
+            online: false,
+            quarantined: None,
+            discrepancy: None,
+            active: None,
+            standby: None,
+            highest_counter: 0,
+            applied_sequence: 0,
+            last_outcome: None,
+            last_seen: None,
+            last_heartbeat_at: None,
+            health: None,
+            disk_free_bytes: None,
+            desired_sequence: 0,
+            desired_retry: 0,
+            rollout: None,
+        }
+    }
+
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.facts
+            .as_ref()
+            .is_some_and(|f| f.tags.iter().any(|t| t == tag))
+    }
+
+    pub fn device_type(&self) -> &str {
+        self.facts.as_ref().map_or("unknown", |f| &f.device_type)
+    }
+
+    pub fn region(&self) -> &str {
+        self.facts.as_ref().map_or("unknown", |f| &f.region)
+    }
+
+    pub fn active_digest(&self) -> Option<Sha256> {
+        self.active.as_ref().map(|a| a.digest)
+    }
+}
+
+/// What a reported state changed in the registry.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Reconciled {
+    /// The device was unknown and is now registered.
+    pub added: bool,
+    /// A new, unresolved discrepancy (registry and device disagreed; the device wins).
+    pub discrepancy: Option<String>,
+}
+
+/// Reconciles a registry row with what the device reports (PRODUCT.md: the device says what
+/// is real). `expected` are the release digests the coordinator has asked this device to run
+/// (its desired release and the one before), which explain a change of active release.
+pub fn reconcile_state(
+    d: &mut DeviceInfo,
+    rep: &fleet_proto::device::Reported,
+    expected: &[Sha256],
+    now: UnixMillis,
+) -> Reconciled {
+    let mut out = Reconciled {
+        added: d.facts.is_none() && d.last_seen.is_none(),
+        discrepancy: None,
+    };
+    let mut notes = Vec::new();
+    if let Some(old) = &d.facts {
+        let f = &rep.facts;
+        if old.device_type != f.device_type {
+            notes.push(format!(
+                "device type {} → {}",
+                old.device_type, f.device_type
+            ));
+        }
+        if old.arch != f.arch {
+            notes.push(format!("arch {} → {}", old.arch, f.arch));
+        }
+        if old.region != f.region {
+            notes.push(format!("region {} → {}", old.region, f.region));
+        }
+        if old.memory_total_bytes != f.memory_total_bytes {
+            notes.push(format!(
+                "memory {} MiB → {} MiB",
+                old.memory_total_bytes >> 20,
+                f.memory_total_bytes >> 20
+            ));
+        }
+    }
+    let reported_active = rep.active.as_ref().map(|a| a.digest);
+    if d.facts.is_some() && d.active_digest() != reported_active {
+        let explained = rep.applied_sequence > d.applied_sequence
+            || reported_active.is_some_and(|r| expected.contains(&r))
+            || rep
+                .last_outcome
+                .as_ref()
+                .is_some_and(|o| o.sequence > d.applied_sequence);
+        if !explained {
+            let name = |a: &Option<Installed>| {
+                a.as_ref().map_or_else(
+                    || "nothing".to_owned(),
+                    |a| format!("{} {}", a.name, a.version),
+                )
+            };
+            notes.push(format!(
+                "active release {} → {} outside any rollout",
+                name(&d.active),
+                name(&rep.active)
+            ));
+        }
+    }
+    if !notes.is_empty() {
+        let what = notes.join("; ");
+        d.discrepancy = Some(what.clone());
+        out.discrepancy = Some(what);
+    }
+    d.facts = Some(rep.facts.clone());
+    d.active = rep.active.clone();
+    d.standby = rep.standby.clone();
+    d.highest_counter = d.highest_counter.max(rep.highest_counter);
+    d.applied_sequence = rep.applied_sequence;
+    // A device that acted on a newer sequence than we remember (e.g. a restored database)
+    // must still see our next desired state as newer.
+    d.desired_sequence = d.desired_sequence.max(rep.applied_sequence);
+    if let Some(o) = &rep.last_outcome {
+        d.last_outcome = Some(LastOutcome::from_kind(&o.version, o.sequence, &o.result));
+    }
+    d.last_seen = Some(now);
+    d.online = true;
+    out
+}
