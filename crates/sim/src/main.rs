@@ -1,0 +1,176 @@
+//! `fleet-sim`: the demo, load generation and benchmarks. See `fleet-sim --help`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use fleet_sim::load::{LoadConfig, Stats};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fleet-sim",
+    version,
+    about = "A fleet in one process: demo, load, benchmarks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Many protocol-level simulated devices against a broker (no slots, no app processes)
+    Load {
+        #[arg(long, default_value = "127.0.0.1:1883", value_name = "HOST:PORT")]
+        broker: String,
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        /// Index of the first device, to split a fleet over several processes
+        #[arg(long, default_value_t = 0)]
+        first: usize,
+        #[arg(long, default_value = "sim")]
+        prefix: String,
+        #[arg(long, default_value = "10s")]
+        heartbeat: humantime_arg::Dur,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "jetson-orin,rpi4,x86-gateway"
+        )]
+        types: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "eu-west,us-east")]
+        regions: Vec<String>,
+        /// Release public key file (hex); desired releases are admitted as an agent would
+        #[arg(long, value_name = "FILE")]
+        key: Option<std::path::PathBuf>,
+        #[arg(long, default_value = "200ms")]
+        install_delay: humantime_arg::Dur,
+        /// Share (0–1) of devices that roll every new release back
+        #[arg(long, default_value_t = 0.0)]
+        fail_install: f64,
+        /// Share (0–1) of devices that never come online
+        #[arg(long, default_value_t = 0.0)]
+        offline: f64,
+        /// Devices of this type turn bad (30 % errors) on --bad-version
+        #[arg(long)]
+        bad_type: Option<String>,
+        #[arg(long)]
+        bad_version: Option<String>,
+        /// Average disconnects per device per hour
+        #[arg(long, default_value_t = 0.0)]
+        churn_per_hour: f64,
+        /// Stop after this long [default: run until Ctrl-C]
+        #[arg(long)]
+        duration: Option<humantime_arg::Dur>,
+    },
+}
+
+/// Durations on the command line (`10s`, `200ms`).
+mod humantime_arg {
+    #[derive(Clone, Copy, Debug)]
+    pub struct Dur(pub std::time::Duration);
+    impl std::str::FromStr for Dur {
+        type Err = String;
+        fn from_str(s: &str) -> Result<Self, String> {
+            fleet_proto::time::parse_duration(s).map(Dur)
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Cmd::Load {
+                broker,
+                devices,
+                first,
+                prefix,
+                heartbeat,
+                types,
+                regions,
+                key,
+                install_delay,
+                fail_install,
+                offline,
+                bad_type,
+                bad_version,
+                churn_per_hour,
+                duration,
+            } => {
+                let (host, port) = broker
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))
+                    .with_context(|| format!("--broker {broker:?} is not HOST:PORT"))?;
+                let key = match key {
+                    None => None,
+                    Some(path) => {
+                        let text = std::fs::read_to_string(&path)
+                            .with_context(|| format!("cannot read {}", path.display()))?;
+                        Some(
+                            fleet_proto::release::parse_public_key(&text)
+                                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                        )
+                    }
+                };
+                let config = LoadConfig {
+                    host,
+                    port,
+                    prefix,
+                    first,
+                    devices,
+                    heartbeat: heartbeat.0,
+                    device_types: types,
+                    regions,
+                    key,
+                    install_delay: install_delay.0,
+                    fail_install,
+                    offline,
+                    bad_type,
+                    bad_version,
+                    churn_per_hour,
+                };
+                load(config, duration.map(|d| d.0)).await
+            }
+        }
+    })
+}
+
+async fn load(config: LoadConfig, duration: Option<Duration>) -> anyhow::Result<()> {
+    let stats = Arc::new(Stats::default());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let devices = config.devices;
+    let runner = tokio::spawn(fleet_sim::load::run(config, stats.clone(), shutdown));
+    let started = Instant::now();
+    let deadline = duration.map(|d| started + d);
+    let mut report = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = report.tick() => {
+                println!(
+                    "{:>6.0}s connected {}/{devices} heartbeats {} desired {} committed {} rolled back {} refused {} reconnects {}",
+                    started.elapsed().as_secs_f64(),
+                    stats.connected.load(Ordering::Relaxed),
+                    stats.heartbeats.load(Ordering::Relaxed),
+                    stats.desired.load(Ordering::Relaxed),
+                    stats.committed.load(Ordering::Relaxed),
+                    stats.rolled_back.load(Ordering::Relaxed),
+                    stats.refused.load(Ordering::Relaxed),
+                    stats.reconnects.load(Ordering::Relaxed),
+                );
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = stop.send(true);
+    runner.await??;
+    Ok(())
+}
