@@ -1018,25 +1018,24 @@ impl Rollout {
         let r = self.reference();
         let t = &self.release.thresholds;
         let s = &self.settings.gate;
+        // The wave's own triggers first: a wave rollback is the smaller remedy.
+        if self.phase != Phase::Confirm {
+            let w = &self.waves[self.current];
+            if let Some(b) = gate::breach(
+                &w.agg,
+                u64::from(w.sent),
+                u64::from(w.unreachable),
+                u64::from(w.failed),
+                &r,
+                t,
+                s,
+            ) {
+                self.halt(b, now, out);
+                return;
+            }
+        }
         if let Some(b) = gate::fleet_breach(&self.fleet, &r, t, s) {
             self.rollback_fleet(b, now, out);
-            return;
-        }
-        if self.phase == Phase::Confirm {
-            return;
-        }
-        let w = &self.waves[self.current];
-        let active = u64::from(w.sent.saturating_sub(w.skipped.min(0)));
-        if let Some(b) = gate::breach(
-            &w.agg,
-            active,
-            u64::from(w.unreachable),
-            u64::from(w.failed),
-            &r,
-            t,
-            s,
-        ) {
-            self.halt(b, now, out);
         }
     }
 
@@ -1159,7 +1158,12 @@ impl Rollout {
                 self.advance(now, &format!("{name} gate passed"), out);
             }
             GateVerdict::Inconclusive => {
-                if w.watching && why.starts_with("worsening") {
+                let still_worse =
+                    gate::worsening(&w.agg, &r, &self.release.thresholds, &self.settings.gate);
+                if w.watching
+                    && let Some(trend) = still_worse
+                {
+                    let why = format!("{why}; {trend}");
                     let b = Breach {
                         trigger: Trigger::WorseningTrend,
                         detail: format!(
@@ -1363,7 +1367,10 @@ impl Rollout {
         let mut attempted = 0usize;
         let mut failed: Vec<(&DeviceId, &Assignment)> = Vec::new();
         for (id, a) in &self.devices {
-            if !in_scope(a) || matches!(a.state, DevState::Pending | DevState::Skipped) {
+            // Only devices with an outcome count: one still installing says nothing yet.
+            let settled = matches!(a.state, DevState::Deployed | DevState::Failed)
+                || (a.state == DevState::Sent && a.unreachable);
+            if !in_scope(a) || !settled {
                 continue;
             }
             attempted += 1;
@@ -1541,6 +1548,36 @@ impl Rollout {
                     out,
                 );
             }
+        }
+    }
+
+    /// A copy without the per-device assignments (cheap, for swapping a rollout out).
+    pub fn clone_core(&self) -> Rollout {
+        Rollout {
+            id: self.id.clone(),
+            digest: self.digest,
+            release: self.release.clone(),
+            operator: self.operator.clone(),
+            phase: self.phase,
+            status: self.status,
+            resume_to: self.resume_to,
+            waves: Vec::new(),
+            current: self.current,
+            baseline: self.baseline.clone(),
+            control: Agg::default(),
+            fleet: Agg::default(),
+            created_at: self.created_at,
+            ended_at: self.ended_at,
+            last_action: String::new(),
+            next_action: String::new(),
+            blockers: Vec::new(),
+            halt: None,
+            failure_pattern: None,
+            failed_devices: Vec::new(),
+            settings: self.settings.clone(),
+            healthy: 0,
+            devices: BTreeMap::new(),
+            dirty: BTreeSet::new(),
         }
     }
 

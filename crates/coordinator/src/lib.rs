@@ -19,6 +19,7 @@
 //! - [`driver`]: receive → event → step → commit → publish.
 //! - [`http`]: `/metrics`, `/api/v1/…`, `/artifacts/{sha256}`.
 //! - [`metrics`]: counters behind `/metrics`.
+//! - `testkit`: signed test releases, test fleets, and a virtual-time fleet over the engine.
 
 pub mod baseline;
 pub mod broker;
@@ -32,6 +33,8 @@ pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod report;
+#[doc(hidden)]
+pub mod testkit;
 pub mod waves;
 
 pub use config::Config;

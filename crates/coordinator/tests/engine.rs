@@ -1,0 +1,516 @@
+//! Table-driven engine tests in virtual time: every phase transition and every trigger.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fleet_coordinator::baseline::Sample;
+use fleet_coordinator::engine::{Action, DevState, Event, OperatorCommand, Rollout, Settings};
+use fleet_coordinator::gate::Trigger;
+use fleet_coordinator::model::DeviceInfo;
+use fleet_coordinator::testkit::{self, Behaviour, Knobs, T0, VirtualFleet};
+use fleet_proto::DeviceId;
+use fleet_proto::rollout::{FailurePattern, Phase, RolloutStatus};
+
+fn settings() -> Settings {
+    Settings {
+        report_interval: Duration::from_secs(10),
+        fast_report_interval: Duration::from_secs(1),
+        silent_after: Duration::from_secs(30),
+        install_timeout: Duration::from_secs(300),
+        ..Settings::default()
+    }
+}
+
+/// A 40-device fleet on release 1.0 and a virtual fleet rolling out 2.0.
+fn setup(n: usize, k: Knobs, offline: &[usize]) -> (VirtualFleet, BTreeMap<DeviceId, DeviceInfo>) {
+    let (r1, s1) = testkit::signed("app", "1.0", 1, &Knobs::default());
+    let k = Knobs {
+        rollback_to: Some((1, "1.0".into())),
+        ..k
+    };
+    let (r2, s2) = testkit::signed("app", "2.0", 2, &k);
+    let mut devices = testkit::fleet(n, Some(testkit::installed(&r1, &s1)));
+    for i in offline {
+        let id = DeviceId::new(format!("dev-{i:06}")).unwrap();
+        devices.get_mut(&id).unwrap().online = false;
+    }
+    let (r, actions) = testkit::start(&devices, &r2, &s2, settings(), T0);
+    let mut f = VirtualFleet::new(&devices, r, actions, T0);
+    f.heartbeat = Duration::from_secs(10);
+    f.tick = Duration::from_secs(5);
+    f.install_delay = Duration::from_secs(20);
+    (f, devices)
+}
+
+fn fired(f: &VirtualFleet) -> Vec<Trigger> {
+    f.log
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Action::Fired { trigger, .. } => Some(trigger.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn transitions(f: &VirtualFleet) -> Vec<String> {
+    f.log
+        .iter()
+        .filter_map(|(_, a)| match a {
+            Action::Transition { to, .. } => Some(to.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn wave_of(r: &Rollout, wave: u32) -> Vec<DeviceId> {
+    r.devices
+        .iter()
+        .filter(|(_, a)| a.wave == wave)
+        .map(|(d, _)| d.clone())
+        .collect()
+}
+
+/// A case: a fleet, a behaviour for some devices, and what must happen.
+struct Case {
+    name: &'static str,
+    knobs: Knobs,
+    /// Behaviour of the canary devices (index 0) or of wave-1 devices.
+    canary: Option<Behaviour>,
+    wave1: Option<Behaviour>,
+    auto_approve: bool,
+    expect_status: RolloutStatus,
+    expect_phase: Phase,
+    expect_trigger: Option<Trigger>,
+}
+
+fn check(c: Case) {
+    let (mut f, _) = setup(40, c.knobs, &[]);
+    f.auto_approve = c.auto_approve;
+    if let Some(b) = c.canary {
+        for d in wave_of(&f.rollout, 0) {
+            f.behaviour.insert(d, b);
+        }
+    }
+    if let Some(b) = c.wave1 {
+        for d in wave_of(&f.rollout, 1) {
+            f.behaviour.insert(d, b);
+        }
+    }
+    let status = c.expect_status;
+    let phase = c.expect_phase;
+    let ok = f.run_until(Duration::from_secs(6 * 3600), |r| {
+        r.status == status && r.phase == phase
+    });
+    assert!(
+        ok,
+        "{}: expected {phase}/{status}, got {}/{} ({}); transitions {:?}; fired {:?}",
+        c.name,
+        f.rollout.phase,
+        f.rollout.status,
+        f.rollout.last_action,
+        transitions(&f),
+        fired(&f)
+    );
+    let fired = fired(&f);
+    match &c.expect_trigger {
+        Some(t) => assert_eq!(fired.first(), Some(t), "{}: fired {fired:?}", c.name),
+        None => assert!(fired.is_empty(), "{}: fired {fired:?}", c.name),
+    }
+    // Every trigger firing comes with rollback desires in the same step (same instant).
+    for (at, a) in &f.log {
+        if let Action::Fired { .. } = a {
+            let rolled = f.log.iter().any(|(t, b)| {
+                t == at
+                    && matches!(b, Action::Desire { release, .. } if *release != Some(f.rollout.digest))
+            });
+            let nothing_to_roll_back = f
+                .rollout
+                .devices
+                .values()
+                .all(|a| a.state != DevState::Reverted);
+            assert!(
+                rolled || nothing_to_roll_back,
+                "{}: trigger without rollback",
+                c.name
+            );
+        }
+    }
+}
+
+#[test]
+fn phase_transitions_and_triggers() {
+    let cases = vec![
+        Case {
+            name: "manual approval waits after the canary",
+            knobs: Knobs::default(),
+            canary: None,
+            wave1: None,
+            auto_approve: false,
+            expect_status: RolloutStatus::AwaitingApproval,
+            expect_phase: Phase::Verify,
+            expect_trigger: None,
+        },
+        Case {
+            name: "a good release completes",
+            knobs: Knobs::default(),
+            canary: None,
+            wave1: None,
+            auto_approve: true,
+            expect_status: RolloutStatus::Completed,
+            expect_phase: Phase::Confirm,
+            expect_trigger: None,
+        },
+        Case {
+            name: "auto approval goes straight on",
+            knobs: Knobs {
+                approval: "auto",
+                ..Knobs::default()
+            },
+            canary: None,
+            wave1: None,
+            auto_approve: false,
+            expect_status: RolloutStatus::Completed,
+            expect_phase: Phase::Confirm,
+            expect_trigger: None,
+        },
+        Case {
+            name: "rolling-update also starts with a canary and completes",
+            knobs: Knobs {
+                strategy: "rolling-update",
+                ..Knobs::default()
+            },
+            canary: None,
+            wave1: None,
+            auto_approve: true,
+            expect_status: RolloutStatus::Completed,
+            expect_phase: Phase::Confirm,
+            expect_trigger: None,
+        },
+        Case {
+            name: "error rate in the canary rolls it back",
+            knobs: Knobs::default(),
+            canary: Some(Behaviour::Errors(0.5)),
+            wave1: None,
+            auto_approve: true,
+            expect_status: RolloutStatus::Halted,
+            expect_phase: Phase::Prepare,
+            expect_trigger: Some(Trigger::ErrorRate),
+        },
+        Case {
+            name: "error rate in wave 1 rolls wave 1 back",
+            knobs: Knobs::default(),
+            canary: None,
+            wave1: Some(Behaviour::Errors(0.4)),
+            auto_approve: true,
+            expect_status: RolloutStatus::Halted,
+            expect_phase: Phase::Prepare,
+            expect_trigger: Some(Trigger::ErrorRate),
+        },
+        Case {
+            name: "a failed trial rolls the wave back",
+            knobs: Knobs::default(),
+            canary: Some(Behaviour::FailsTrial),
+            wave1: None,
+            auto_approve: true,
+            expect_status: RolloutStatus::Halted,
+            expect_phase: Phase::Prepare,
+            expect_trigger: Some(Trigger::TrialFailed),
+        },
+        Case {
+            name: "devices silent after installing trip the unreachable trigger",
+            knobs: Knobs::default(),
+            canary: None,
+            wave1: Some(Behaviour::Bricks),
+            auto_approve: true,
+            expect_status: RolloutStatus::Halted,
+            expect_phase: Phase::Prepare,
+            expect_trigger: Some(Trigger::Unreachable),
+        },
+        Case {
+            name: "fleet-wide error rate rolls back every deployed device",
+            knobs: Knobs {
+                error_rate_pts: 60.0,
+                ..Knobs::default()
+            },
+            canary: Some(Behaviour::Errors(0.3)),
+            wave1: None,
+            auto_approve: true,
+            expect_status: RolloutStatus::RolledBack,
+            expect_phase: Phase::Prepare,
+            expect_trigger: Some(Trigger::FleetErrorRate),
+        },
+        Case {
+            name: "a worsening trend extends the soak, then rolls back",
+            knobs: Knobs::default(),
+            canary: Some(Behaviour::Errors(0.045)),
+            wave1: None,
+            auto_approve: true,
+            expect_status: RolloutStatus::Halted,
+            expect_phase: Phase::Prepare,
+            expect_trigger: Some(Trigger::WorseningTrend),
+        },
+    ];
+    for c in cases {
+        check(c);
+    }
+}
+
+fn sample_with(f: impl FnOnce(&mut Sample)) -> Sample {
+    let mut s = testkit::healthy("2.0", 0.01);
+    f(&mut s);
+    s
+}
+
+/// Per-device hard triggers and latency, driven directly.
+#[test]
+fn per_device_triggers_quarantine_and_roll_back_at_once() {
+    type Mutate = fn(&mut Sample);
+    let table: [(&str, Mutate, Trigger); 3] = [
+        (
+            "crash loop",
+            |s| s.restarts_in_window = 3,
+            Trigger::CrashLoop,
+        ),
+        ("memory", |s| s.memory_pct = 95.0, Trigger::Memory),
+        (
+            "p95 latency",
+            |s| s.p95_ms = Some(400.0),
+            Trigger::P95Latency,
+        ),
+    ];
+    for (name, mutate, trigger) in table {
+        let (mut f, _) = setup(40, Knobs::default(), &[]);
+        // Let the canary install.
+        f.run_until(Duration::from_secs(60), |r| {
+            r.waves[0].deployed == r.waves[0].sent
+        });
+        let canary = wave_of(&f.rollout, 0);
+        let before = f.log.len();
+        for _ in 0..3 {
+            for d in &canary {
+                f.step(Event::Heartbeat {
+                    device: d.clone(),
+                    sample: sample_with(mutate),
+                });
+            }
+        }
+        let new: Vec<&Action> = f.log[before..].iter().map(|(_, a)| a).collect();
+        assert!(
+            new.iter()
+                .any(|a| matches!(a, Action::Fired { trigger: t, .. } if *t == trigger)),
+            "{name}: {new:#?}"
+        );
+        assert!(
+            new.iter().any(|a| matches!(a, Action::Desire { release, .. } if *release != Some(f.rollout.digest))),
+            "{name}: no rollback"
+        );
+        if trigger != Trigger::P95Latency {
+            assert!(
+                new.iter().any(|a| matches!(a, Action::Quarantine { .. })),
+                "{name}"
+            );
+        }
+        assert_eq!(f.rollout.status, RolloutStatus::Halted, "{name}");
+    }
+}
+
+#[test]
+fn inconclusive_extends_the_soak_then_halts() {
+    let (mut f, _) = setup(40, Knobs::default(), &[]);
+    // The canary never reports an error rate: no evidence for a pass.
+    let canary = wave_of(&f.rollout, 0);
+    f.run_until(Duration::from_secs(60), |r| {
+        r.waves[0].deployed == r.waves[0].sent
+    });
+    for d in &canary {
+        f.offline.insert(d.clone(), true);
+    }
+    // Silent canaries would trip "unreachable"; instead make them report nothing useful.
+    for d in &canary {
+        f.offline.insert(d.clone(), false);
+        f.behaviour.insert(d.clone(), Behaviour::Good);
+    }
+    // Ask for far more samples than a soak can bring.
+    f.rollout.settings.gate.min_samples = 1_000_000;
+    let ok = f.run_until(Duration::from_secs(4 * 3600), |r| r.is_final());
+    assert!(ok);
+    assert_eq!(f.rollout.status, RolloutStatus::Halted);
+    assert_eq!(fired(&f), vec![Trigger::Inconclusive]);
+    assert_eq!(
+        f.rollout.waves[0].extensions,
+        f.rollout.settings.gate.max_extensions
+    );
+}
+
+#[test]
+fn pause_holds_the_next_wave_and_resume_continues() {
+    let (mut f, _) = setup(40, Knobs::default(), &[]);
+    f.auto_approve = false;
+    f.run_until(Duration::from_secs(3600), |r| {
+        r.status == RolloutStatus::AwaitingApproval
+    });
+    f.step(Event::Operator {
+        operator: "ana".into(),
+        command: OperatorCommand::Approve,
+    });
+    assert_eq!(f.rollout.phase, Phase::Rollout);
+    assert_eq!(f.rollout.current, 1);
+    f.step(Event::Operator {
+        operator: "ana".into(),
+        command: OperatorCommand::Pause,
+    });
+    assert_eq!(f.rollout.status, RolloutStatus::Paused);
+    // Long past the wave soak: still wave 1.
+    f.run_until(Duration::from_secs(3600), |_| false);
+    assert_eq!(f.rollout.current, 1);
+    assert_eq!(f.rollout.status, RolloutStatus::Paused);
+    f.step(Event::Operator {
+        operator: "ana".into(),
+        command: OperatorCommand::Resume,
+    });
+    assert_eq!(f.rollout.current, 2, "{}", f.rollout.last_action);
+    // Approving now is refused with a message.
+    let before = f.log.len();
+    f.step(Event::Operator {
+        operator: "ana".into(),
+        command: OperatorCommand::Approve,
+    });
+    assert!(
+        matches!(&f.log[before].1, Action::Refuse { message, .. } if message.contains("not awaiting approval"))
+    );
+}
+
+#[test]
+fn abort_keeps_devices_and_rollback_reverts_them() {
+    let (mut f, _) = setup(40, Knobs::default(), &[]);
+    f.run_until(Duration::from_secs(3600), |r| {
+        r.current == 1 && r.waves[1].deployed > 0
+    });
+    f.step(Event::Operator {
+        operator: "ana".into(),
+        command: OperatorCommand::Abort,
+    });
+    assert_eq!(f.rollout.status, RolloutStatus::Aborted);
+    let deployed = f.rollout.deployed();
+    assert!(deployed > 0);
+    let before = f.log.len();
+    f.step(Event::Operator {
+        operator: "ana".into(),
+        command: OperatorCommand::Abort,
+    });
+    assert!(matches!(&f.log[before].1, Action::Refuse { .. }));
+    let before = f.log.len();
+    f.step(Event::Operator {
+        operator: "ana".into(),
+        command: OperatorCommand::Rollback,
+    });
+    assert_eq!(f.rollout.status, RolloutStatus::RolledBack);
+    let reverts = f.log[before..]
+        .iter()
+        .filter(|(_, a)| matches!(a, Action::Desire { release, .. } if *release != Some(f.rollout.digest)))
+        .count();
+    assert!(reverts as u32 >= deployed, "{reverts} < {deployed}");
+}
+
+#[test]
+fn offline_devices_are_skipped_then_caught_up_after_confirm() {
+    // Devices 1 and 2 are offline from the start.
+    let (mut f, devices) = setup(40, Knobs::default(), &[1, 2]);
+    let off: Vec<DeviceId> = devices
+        .values()
+        .filter(|d| !d.online)
+        .map(|d| d.id.clone())
+        .collect();
+    assert!(f.run_until(Duration::from_secs(6 * 3600), |r| r.status
+        == RolloutStatus::Completed));
+    assert_eq!(f.rollout.skipped(), 2);
+    assert_eq!(f.rollout.quarantined(), 0, "offline is not failed");
+    for d in &off {
+        assert_eq!(f.rollout.devices[d].state, DevState::Skipped);
+        f.offline.insert(d.clone(), false);
+        f.step(Event::Online {
+            device: d.clone(),
+            online: true,
+        });
+    }
+    f.run_until(Duration::from_secs(120), |_| false);
+    for d in &off {
+        assert_eq!(f.rollout.devices[d].state, DevState::Deployed);
+        assert!(f.rollout.devices[d].catch_up);
+    }
+}
+
+#[test]
+fn failure_pattern_names_the_device_type() {
+    let (mut f, _) = setup(40, Knobs::default(), &[]);
+    for (d, a) in &f.rollout.devices.clone() {
+        if a.device_type == "jetson" && a.wave == 1 {
+            f.behaviour.insert(d.clone(), Behaviour::Errors(0.6));
+        }
+    }
+    assert!(f.run_until(Duration::from_secs(6 * 3600), |r| r.is_final()));
+    assert_eq!(f.rollout.status, RolloutStatus::Halted);
+    assert_eq!(
+        f.rollout.failure_pattern,
+        Some(FailurePattern::Compatibility {
+            device_type: "jetson".into()
+        })
+    );
+    let report = fleet_coordinator::report::build(&f.rollout, f.now);
+    assert!(
+        report.markdown.contains("compatibility problem"),
+        "{}",
+        report.markdown
+    );
+    assert!(
+        report.markdown.contains("| wave 1 |"),
+        "{}",
+        report.markdown
+    );
+}
+
+#[test]
+fn all_devices_failing_is_an_artifact_problem() {
+    let (mut f, _) = setup(40, Knobs::default(), &[]);
+    for d in wave_of(&f.rollout, 0) {
+        f.behaviour.insert(d, Behaviour::FailsTrial);
+    }
+    assert!(f.run_until(Duration::from_secs(3600), |r| r.is_final()));
+    assert_eq!(f.rollout.failure_pattern, Some(FailurePattern::Artifact));
+}
+
+#[test]
+fn state_block_counts() {
+    let (mut f, _) = setup(40, Knobs::default(), &[3]);
+    assert!(f.run_until(Duration::from_secs(6 * 3600), |r| r.status
+        == RolloutStatus::Completed));
+    let s = f.rollout.state_block(f.now);
+    assert_eq!(s.fleet_total, 40);
+    assert_eq!(s.deployed_count, 39);
+    assert_eq!(s.skipped_count, 1);
+    assert_eq!(s.quarantined_count, 0);
+    assert!(s.healthy_count >= 38, "{s:?}");
+    assert!(s.render_block().contains("status: completed"));
+}
+
+#[test]
+fn a_worsening_trend_asks_the_wave_for_fast_reports_first() {
+    let (mut f, _) = setup(40, Knobs::default(), &[]);
+    for d in wave_of(&f.rollout, 0) {
+        f.behaviour.insert(d, Behaviour::Errors(0.045));
+    }
+    assert!(f.run_until(Duration::from_secs(6 * 3600), |r| r.is_final()));
+    let fast_at = f.log.iter().position(|(_, a)| {
+        matches!(a, Action::Desire { report_interval, .. } if *report_interval == Duration::from_secs(1))
+    });
+    let fired_at = f
+        .log
+        .iter()
+        .position(|(_, a)| matches!(a, Action::Fired { .. }));
+    assert!(
+        fast_at.is_some() && fast_at < fired_at,
+        "{fast_at:?} {fired_at:?}"
+    );
+    assert_eq!(f.rollout.waves[0].watching, true);
+}
