@@ -285,6 +285,7 @@ pub fn step(ctx: &Ctx, state: State, input: Input, now: UnixMillis) -> (State, V
             let job = job.clone();
             match result {
                 Ok(()) => {
+                    accept(&mut s, &job);
                     let slot = s.standby_slot();
                     *s.slot_mut(slot) = None;
                     actions.push(emit(
@@ -568,6 +569,22 @@ fn finish_rollback(
     go_idle(s, actions);
 }
 
+/// The release passed admission and its artifact checked out: it becomes the highest
+/// accepted if its counter is. Design: not at admission, so a release whose artifact turns out
+/// wrong cannot lock out the releases below it.
+fn accept(s: &mut State, job: &Job) {
+    if s.highest
+        .as_ref()
+        .is_none_or(|h| job.release.counter > h.counter)
+    {
+        s.highest = Some(Accepted {
+            counter: job.release.counter,
+            digest: job.digest,
+            rollback_to: job.release.rollback_to.clone(),
+        });
+    }
+}
+
 fn remember_failed(s: &mut State, job: &Job) {
     s.failed.retain(|f| f.digest != job.digest);
     s.failed.push(FailedRelease {
@@ -729,16 +746,6 @@ fn on_desired(
             return;
         }
     }
-    if s.highest
-        .as_ref()
-        .is_none_or(|h| release.counter > h.counter)
-    {
-        s.highest = Some(Accepted {
-            counter: release.counter,
-            digest,
-            rollback_to: release.rollback_to.clone(),
-        });
-    }
     let job = Job {
         sequence,
         rollout: desired.rollout.clone(),
@@ -748,6 +755,7 @@ fn on_desired(
         digest,
     };
     if in_standby {
+        accept(s, &job);
         actions.push(emit(&job, EventKind::Verified));
         begin_swap(s, job, standby, actions);
     } else {

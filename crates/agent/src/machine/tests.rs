@@ -399,9 +399,41 @@ fn refusals_leave_everything_alone() {
 
 #[test]
 fn signed_rollback_is_admitted_and_the_counter_never_goes_down() {
+    // v2 authorises a rollback to v1 (counter 1).
+    let mut r2 = release(2, "2.0");
+    r2.rollback_to = Some(RollbackTo {
+        counter: 1,
+        version: "1.0".into(),
+    });
     let s = check(
-        trial_v2(),
+        running_v1(),
         vec![
+            (
+                desired(2, Some(&r2), 0),
+                UpdatePhase::Downloading,
+                &["Download"],
+            ),
+            (
+                Input::Downloaded {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Installing,
+                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
+            ),
+            (
+                Input::Installed {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Swapping,
+                &["E:Installed", "DiscardStaging", "Swap(slot-b)"],
+            ),
+            (
+                Input::Swapped { sequence: 2 },
+                UpdatePhase::Trial,
+                &["E:Swapped", "Start(slot-b)", "E:TrialStarted"],
+            ),
             (
                 probe(2, sample("2.0", AppStatus::Healthy)),
                 UpdatePhase::Trial,
@@ -414,33 +446,30 @@ fn signed_rollback_is_admitted_and_the_counter_never_goes_down() {
             ),
         ],
     );
-    // v3 authorises a rollback to v1 (counter 1).
-    let mut r3 = release(3, "3.0");
-    r3.rollback_to = Some(RollbackTo {
-        counter: 1,
-        version: "1.0".into(),
-    });
+    assert_eq!(s.highest.as_ref().map(|h| h.counter), Some(2));
+    // A failed download of v3 does not raise the counter.
+    let r3 = release(3, "3.0");
     let s = check(
         s,
-        vec![(
-            desired(3, Some(&r3), 0),
-            UpdatePhase::Downloading,
-            &["Download"],
-        )],
+        vec![
+            (
+                desired(3, Some(&r3), 0),
+                UpdatePhase::Downloading,
+                &["Download"],
+            ),
+            (
+                Input::Downloaded {
+                    sequence: 3,
+                    result: Err(Failure::Download { detail: "x".into() }),
+                },
+                UpdatePhase::Idle,
+                &["E:Failed(download failed: x)"],
+            ),
+        ],
     );
-    let s = check(
-        s,
-        vec![(
-            Input::Downloaded {
-                sequence: 3,
-                result: Err(Failure::Download { detail: "x".into() }),
-            },
-            UpdatePhase::Idle,
-            &["E:Failed(download failed: x)"],
-        )],
-    );
-    assert_eq!(s.highest.as_ref().map(|h| h.counter), Some(3));
-    // v1 is in standby (slot A): swapped back without a download.
+    assert_eq!(s.highest.as_ref().map(|h| h.counter), Some(2));
+    // The coordinator republishes v1: admitted, and since slot A still holds it, swapped back
+    // in without a download. The highest counter stays 2.
     let s = check(
         s,
         vec![(
@@ -449,7 +478,17 @@ fn signed_rollback_is_admitted_and_the_counter_never_goes_down() {
             &["E:Verified", "Swap(slot-a)"],
         )],
     );
-    assert_eq!(s.highest.as_ref().map(|h| h.counter), Some(3));
+    assert_eq!(s.highest.as_ref().map(|h| h.counter), Some(2));
+    // Anything else below 2 is a downgrade.
+    let s = check(
+        s,
+        vec![(
+            Input::Swapped { sequence: 4 },
+            UpdatePhase::Trial,
+            &["E:Swapped", "Start(slot-a)", "E:TrialStarted"],
+        )],
+    );
+    let _ = s;
 }
 
 #[test]

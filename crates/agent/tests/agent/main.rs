@@ -1,0 +1,10 @@
+//! fleet-agent integration tests: the real binary, real files, a real broker, real signed
+//! releases and the real fleet-demo-app as the application.
+#![allow(clippy::unwrap_used)]
+
+mod crash;
+mod fetch;
+mod link;
+mod refusals;
+mod support;
+mod update;

@@ -1,0 +1,193 @@
+//! Good releases commit; bad ones roll back by themselves within the trial deadline.
+
+use std::time::Duration;
+
+use fleet_proto::SignedRelease;
+use fleet_proto::device::{EventKind, RollbackReason, UpdatePhase};
+
+use crate::support::*;
+
+#[test]
+fn good_release_commits_and_serves() {
+    let dev = Device::new("good", broker());
+    let obs = Observer::new(dev.broker_port, &dev.id);
+    let _agent = Agent::start(&dev, &[]);
+    // The agent announces itself on connect.
+    obs.wait_state("a first report", |r| {
+        r.phase == UpdatePhase::Idle && r.active.is_none()
+    });
+    commit_first(&dev, &obs, &version("1.0.0", &[]), 1, 1);
+
+    let mut v2 = version("2.0.0", &[]);
+    v2.hook = Some("#!/bin/sh\necho built > engine.plan\n".into());
+    let (_, s2) = signed_file_release(dev.dir.path(), 2, &v2);
+    obs.publish_desired(&desired(&dev.id, 2, Some(s2), 0));
+    obs.wait_event("2.0.0 committed", PATIENCE, |e| {
+        e.sequence == 2 && matches!(e.kind, EventKind::Committed { .. })
+    });
+    dev.wait_serving("2.0.0");
+    let r = obs.wait_state("state says 2.0.0 active", |r| {
+        r.applied_sequence == 2 && r.phase == UpdatePhase::Idle
+    });
+    assert_eq!(r.active.as_ref().map(|i| i.version.as_str()), Some("2.0.0"));
+    assert_eq!(
+        r.standby.as_ref().map(|i| i.version.as_str()),
+        Some("1.0.0")
+    );
+    assert_eq!(r.highest_counter, 2);
+    // The hook ran in the new slot before the swap.
+    let active = std::fs::read_link(dev.root().join("active")).unwrap();
+    assert!(dev.root().join(&active).join("engine.plan").exists());
+    let names: Vec<String> = obs
+        .events()
+        .iter()
+        .filter(|e| e.sequence == 2)
+        .map(|e| kind_name(&e.kind))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    for step in [
+        "DownloadStarted",
+        "DownloadFinished",
+        "Verified",
+        "Installed",
+        "Swapped",
+        "TrialStarted",
+        "Committed",
+    ] {
+        assert!(
+            names.contains(&step.to_string()),
+            "no {step} event in {names:?}"
+        );
+    }
+    // Heartbeats flow at the coordinator's interval (1 s here).
+    wait_until("heartbeats", PATIENCE, || {
+        (obs.seen.lock().unwrap().heartbeats >= 2).then_some(())
+    });
+    obs.assert_no_gap();
+}
+
+/// Commits 1.0.0, offers a bad 2.0.0 and checks it is rolled back for `reason`.
+fn rolls_back(
+    name: &str,
+    knobs: &[&str],
+    tune: impl FnOnce(&mut fleet_proto::Release),
+    reason: impl Fn(&RollbackReason) -> bool,
+) {
+    let dev = Device::new(name, broker());
+    let obs = Observer::new(dev.broker_port, &dev.id);
+    let _agent = Agent::start(&dev, &[]);
+    commit_first(&dev, &obs, &version("1.0.0", &[]), 1, 1);
+
+    let v2 = version("2.0.0", knobs);
+    let (mut r2, _) = signed_file_release(dev.dir.path(), 2, &v2);
+    tune(&mut r2);
+    let deadline = r2.trial.deadline;
+    let s2 = SignedRelease::sign(&r2, &key());
+    obs.publish_desired(&desired(&dev.id, 2, Some(s2), 0));
+    let started = obs.wait_event("trial started", PATIENCE, |e| {
+        e.sequence == 2 && matches!(e.kind, EventKind::TrialStarted { .. })
+    });
+    let rolled = obs.wait_event("rolled back", PATIENCE, |e| {
+        e.sequence == 2 && matches!(e.kind, EventKind::RolledBack { .. })
+    });
+    let EventKind::RolledBack {
+        reason: got,
+        restored,
+    } = &rolled.kind
+    else {
+        unreachable!()
+    };
+    assert!(reason(got), "{name}: unexpected reason {got:?}");
+    assert_eq!(restored.as_deref(), Some("1.0.0"));
+    let took = rolled.at.since(started.at);
+    assert!(
+        took <= deadline + Duration::from_secs(2),
+        "{name}: rollback took {took:?}, deadline {deadline:?}"
+    );
+    dev.wait_serving("1.0.0");
+    let r = obs.wait_state("state says 1.0.0 after rollback", |r| {
+        r.applied_sequence == 2 && r.phase == UpdatePhase::Idle
+    });
+    assert_eq!(r.active.as_ref().map(|i| i.version.as_str()), Some("1.0.0"));
+    // Remembered: asking again without a higher retry is refused.
+    obs.publish_desired(&desired(
+        &dev.id,
+        3,
+        Some(SignedRelease::sign(&r2, &key())),
+        0,
+    ));
+    obs.wait_event("refused as previously failed", PATIENCE, |e| {
+        e.sequence == 3
+            && matches!(
+                &e.kind,
+                EventKind::Refused {
+                    reason: fleet_proto::Refusal::PreviouslyFailed { .. }
+                }
+            )
+    });
+    obs.assert_no_gap();
+}
+
+#[test]
+fn crash_at_start_rolls_back() {
+    rolls_back(
+        "crash-start",
+        &["--crash-at-start"],
+        |_| {},
+        |r| matches!(r, RollbackReason::CrashAtStart { exit_code: Some(3) }),
+    );
+}
+
+#[test]
+fn crash_loop_rolls_back() {
+    rolls_back(
+        "crash-loop",
+        &["--crash-after", "0.8"],
+        |r| {
+            r.trial.good_probes = 30;
+            r.trial.deadline = Duration::from_secs(15);
+        },
+        |r| matches!(r, RollbackReason::CrashLoop { restarts: 3.., .. }),
+    );
+}
+
+#[test]
+fn unhealthy_status_rolls_back() {
+    rolls_back(
+        "unhealthy",
+        &["--unhealthy"],
+        |_| {},
+        |r| matches!(r, RollbackReason::Unhealthy { .. }),
+    );
+}
+
+#[test]
+fn wrong_version_rolls_back() {
+    rolls_back(
+        "wrong-version",
+        &["--report-version", "1.9.9"],
+        |_| {},
+        |r| matches!(r, RollbackReason::WrongVersion { reported, .. } if reported == "1.9.9"),
+    );
+}
+
+#[test]
+fn hang_rolls_back() {
+    rolls_back(
+        "hang",
+        &["--hang"],
+        |_| {},
+        |r| matches!(r, RollbackReason::Unresponsive { failures: 3 }),
+    );
+}
+
+#[test]
+fn failed_functional_probe_rolls_back() {
+    rolls_back(
+        "wrong-output",
+        &["--wrong-output"],
+        |_| {},
+        |r| matches!(r, RollbackReason::ProbeFailed { detail } if detail.contains("digest")),
+    );
+}
