@@ -428,9 +428,15 @@ pub fn create(
 
 /// One step of the engine.
 pub fn step(mut r: Rollout, event: &Event, now: UnixMillis) -> (Rollout, Vec<Action>) {
+    let out = step_in_place(&mut r, event, now);
+    (r, out)
+}
+
+/// [`step`] without moving the rollout (the same function; cheaper for big fleets).
+pub fn step_in_place(r: &mut Rollout, event: &Event, now: UnixMillis) -> Vec<Action> {
     let mut out = Vec::new();
     r.handle(event, now, &mut out);
-    (r, out)
+    out
 }
 
 impl Rollout {
@@ -1549,6 +1555,15 @@ impl Rollout {
                 );
             }
         }
+    }
+
+    /// A full copy, assignments included (tests compare before and after a step).
+    pub fn clone_for_test(&self) -> Rollout {
+        let mut r = self.clone_core();
+        r.waves = self.waves.clone();
+        r.devices = self.devices.clone();
+        r.phase = self.phase;
+        r
     }
 
     /// A copy without the per-device assignments (cheap, for swapping a rollout out).

@@ -360,10 +360,7 @@ impl VirtualFleet {
     }
 
     pub fn step(&mut self, ev: Event) {
-        let empty = placeholder(&self.rollout);
-        let r = std::mem::replace(&mut self.rollout, empty);
-        let (r, actions) = engine::step(r, &ev, self.now);
-        self.rollout = r;
+        let actions = engine::step_in_place(&mut self.rollout, &ev, self.now);
         self.steps += 1;
         self.take(actions);
     }
@@ -454,14 +451,5 @@ impl VirtualFleet {
             }
         }
         done(&self.rollout)
-    }
-}
-
-fn placeholder(r: &Rollout) -> Rollout {
-    Rollout {
-        devices: BTreeMap::new(),
-        dirty: Default::default(),
-        waves: Vec::new(),
-        ..r.clone_core()
     }
 }
