@@ -69,11 +69,22 @@ fn main() -> ExitCode {
         "trace" => tracing::Level::TRACE,
         _ => tracing::Level::INFO,
     };
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        // The MQTT client's own debug output is per packet: keep it at warn.
+        let filter = tracing_subscriber::filter::Targets::new()
+            .with_default(level)
+            .with_target("rumqttc", tracing::Level::WARN);
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(false),
+            )
+            .with(filter)
+            .init();
+    }
     let notifier = Notifier::new(
         std::env::var("NOTIFY_SOCKET").ok().as_deref(),
         std::env::var("WATCHDOG_USEC").ok().as_deref(),

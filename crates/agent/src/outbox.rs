@@ -60,8 +60,10 @@ impl Outbox {
     pub fn append(&mut self, frame: impl FnOnce(u64) -> Vec<u8>) -> io::Result<u64> {
         let seq = self.next_seq;
         let bytes = frame(seq);
-        fsutil::write_atomic(&self.dir.join("next-seq"), (seq + 1).to_string().as_bytes())?;
+        // The event first: a crash between the two writes leaves the event, and `open` derives
+        // the next seq from it; the other order would burn a seq (a false gap).
         fsutil::write_atomic(&self.path(seq), &bytes)?;
+        fsutil::write_atomic(&self.dir.join("next-seq"), (seq + 1).to_string().as_bytes())?;
         self.next_seq = seq + 1;
         self.pending.insert(seq, bytes);
         while self.pending.len() > self.max {

@@ -42,12 +42,15 @@ fn needs_bad_release(point: &str) -> bool {
 /// Points reached several times per update: vary which hit kills.
 fn nth(point: &str, run: u32) -> u32 {
     match point {
-        "journal-before-rename" | "trial-probing" | "outbox-after-append" => run + 1,
+        "journal-before-rename" | "outbox-after-append" => run + 1,
+        // A trial here takes two good probes.
+        "trial-probing" => run % 2 + 1,
         _ => 1,
     }
 }
 
-fn one_run(fx: &Fixture, point: &str, run: u32) -> Result<bool, String> {
+/// Whether the fault point killed the agent, and the version the device ended on.
+fn one_run(fx: &Fixture, point: &str, run: u32) -> Result<(bool, String), String> {
     let dev = Device::new(&format!("crash-{run}"), fx.base.broker_port);
     copy_tree(&fx.base.root(), &dev.root());
     copy_tree(&fx.base.state_dir(), &dev.state_dir());
@@ -84,7 +87,7 @@ fn one_run(fx: &Fixture, point: &str, run: u32) -> Result<bool, String> {
             ));
         }
     };
-    check_consistent(fx, &dev, &state)?;
+    let ended_on = check_consistent(fx, &dev, &state)?;
     // Every event reaches the broker, none lost.
     wait_until_opt(|| {
         let pending = std::fs::read_dir(dev.state_dir().join("outbox"))
@@ -104,7 +107,7 @@ fn one_run(fx: &Fixture, point: &str, run: u32) -> Result<bool, String> {
     })
     .ok_or_else(|| format!("events lost: {:?}", obs.event_names()))?;
     drop(agent);
-    Ok(hit)
+    Ok((hit, ended_on))
 }
 
 fn wait_until_opt<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
@@ -120,11 +123,12 @@ fn wait_until_opt<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
+/// Checks the device is on a complete, verified version; returns that version.
 fn check_consistent(
     fx: &Fixture,
     dev: &Device,
     state: &fleet_agent::machine::State,
-) -> Result<(), String> {
+) -> Result<String, String> {
     if !matches!(state.phase, Phase::Idle) {
         return Err(format!("phase {:?}", state.phase.wire()));
     }
@@ -164,7 +168,7 @@ fn check_consistent(
     }
     wait_until_opt(|| (dev.app_version().as_deref() == Some(version.as_str())).then_some(()))
         .ok_or_else(|| format!("the app does not serve the active {version}"))?;
-    Ok(())
+    Ok(version)
 }
 
 #[test]
@@ -200,7 +204,9 @@ fn kill_at_every_fault_point_then_restart() {
             .flat_map(|p| (0..RUNS).map(move |r| (*p, r)))
             .collect(),
     ));
-    let results: Arc<Mutex<BTreeMap<&str, (u32, u32, Vec<String>)>>> = Arc::default();
+    // point → (runs, killed, violations, versions ended on)
+    type Tally = (u32, u32, Vec<String>, BTreeMap<String, u32>);
+    let results: Arc<Mutex<BTreeMap<&str, Tally>>> = Arc::default();
     let workers: Vec<_> = (0..WORKERS)
         .map(|_| {
             let (queue, results, fx) = (Arc::clone(&queue), Arc::clone(&results), Arc::clone(&fx));
@@ -214,7 +220,10 @@ fn kill_at_every_fault_point_then_restart() {
                     let entry = r.entry(point).or_default();
                     entry.0 += 1;
                     match outcome {
-                        Ok(hit) => entry.1 += u32::from(hit),
+                        Ok((hit, ended_on)) => {
+                            entry.1 += u32::from(hit);
+                            *entry.3.entry(ended_on).or_default() += 1;
+                        }
                         Err(v) => entry.2.push(format!("run {run}: {v}")),
                     }
                 }
@@ -225,12 +234,13 @@ fn kill_at_every_fault_point_then_restart() {
         w.join().unwrap();
     }
     let results = results.lock().unwrap();
-    let mut report = String::from("\nfault point              runs  killed  violations\n");
+    let mut report =
+        String::from("\nfault point              runs  killed  violations  ended on\n");
     let mut violations = Vec::new();
     let mut unreached = Vec::new();
     for p in POINTS {
-        let (runs, hits, v) = results.get(p).cloned().unwrap_or_default();
-        report += &format!("{p:<24} {runs:>4}  {hits:>6}  {:>10}\n", v.len());
+        let (runs, hits, v, ended) = results.get(p).cloned().unwrap_or_default();
+        report += &format!("{p:<24} {runs:>4}  {hits:>6}  {:>10}  {ended:?}\n", v.len());
         violations.extend(v.iter().map(|v| format!("{p}: {v}")));
         if hits == 0 {
             unreached.push(*p);
