@@ -1,0 +1,476 @@
+//! Integration tests: the coordinator in-process with its real embedded broker, devices and an
+//! operator played by real rumqttc clients.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{Behaviour, FakeDevice, Operator, http_get, spawn_device};
+use fleet_coordinator::config::Config;
+use fleet_coordinator::testkit::{self, Knobs};
+use fleet_proto::operator::{Command, DeviceStatus, ReplyBody, ReplyResult};
+use fleet_proto::release::Release;
+use fleet_proto::rollout::{RolloutState, RolloutStatus};
+use fleet_proto::{RolloutId, SignedRelease};
+
+fn config(dir: &Path, extra: &[(&str, &str)]) -> Config {
+    let key = hex::encode(testkit::signing_key().verifying_key().as_bytes());
+    let mut env: Vec<(String, String)> = [
+        ("BROKER__LISTEN", "127.0.0.1:0".to_owned()),
+        (
+            "DATABASE__PATH",
+            dir.join("registry.db").display().to_string(),
+        ),
+        ("HTTP__LISTEN", "127.0.0.1:0".to_owned()),
+        (
+            "HTTP__ARTIFACTS_DIR",
+            dir.join("artifacts").display().to_string(),
+        ),
+        ("RELEASE_KEYS", key),
+        ("DEVICES__HEARTBEAT_INTERVAL", "500ms".to_owned()),
+        ("ROLLOUT__TICK", "100ms".to_owned()),
+        ("GATE__MIN_SAMPLES", "5".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("FLEET_COORDINATOR__{k}"), v))
+    .collect();
+    for (k, v) in extra {
+        env.push((format!("FLEET_COORDINATOR__{k}"), (*v).to_owned()));
+    }
+    Config::from_sources(None, env).unwrap()
+}
+
+fn releases(k: Knobs) -> ((Release, SignedRelease), (Release, SignedRelease)) {
+    let one = testkit::signed("app", "1.0", 1, &Knobs::default());
+    let two = testkit::signed(
+        "app",
+        "2.0",
+        2,
+        &Knobs {
+            rollback_to: Some((1, "1.0".into())),
+            ..k
+        },
+    );
+    (one, two)
+}
+
+fn fleet(port: u16, n: usize, active: &(Release, SignedRelease), b: Behaviour) -> Vec<FakeDevice> {
+    (0..n)
+        .map(|i| {
+            spawn_device(
+                port,
+                &format!("cam-{i:02}"),
+                if i % 2 == 0 { "rpi4" } else { "jetson" },
+                if i % 3 == 0 { "eu" } else { "us" },
+                Some(testkit::installed(&active.0, &active.1)),
+                b.clone(),
+                Duration::from_millis(100),
+            )
+        })
+        .collect()
+}
+
+async fn wait_registered(op: &mut Operator, n: usize) {
+    for _ in 0..200 {
+        let r = op.ask(Command::ListDevices).await;
+        if let ReplyResult::Accepted(b) = r.result
+            && let ReplyBody::Devices(v) = *b
+            && v.iter()
+                .filter(|d| {
+                    d.status == DeviceStatus::Online && d.last_health.is_some() && d.facts.is_some()
+                })
+                .count()
+                == n
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("devices did not register");
+}
+
+async fn status(op: &mut Operator, id: &RolloutId) -> RolloutState {
+    match op
+        .ask(Command::Status {
+            rollout: id.clone(),
+        })
+        .await
+        .result
+    {
+        ReplyResult::Accepted(b) => match *b {
+            ReplyBody::State(s) => s,
+            other => panic!("{other:?}"),
+        },
+        ReplyResult::Refused(r) => panic!("{r:?}"),
+    }
+}
+
+async fn wait_status(op: &mut Operator, id: &RolloutId, want: RolloutStatus) -> RolloutState {
+    let mut last = None;
+    for _ in 0..600 {
+        let s = status(op, id).await;
+        if s.status == want {
+            return s;
+        }
+        last = Some(s);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("rollout never became {want}: {:#?}", last);
+}
+
+async fn start(op: &mut Operator, one: &SignedRelease, two: &SignedRelease) -> RolloutId {
+    // The coordinator learns the current release (the rollback target) from a plan.
+    let r = op
+        .ask(Command::Plan {
+            release: one.clone(),
+        })
+        .await;
+    assert!(matches!(r.result, ReplyResult::Accepted(_)), "{r:?}");
+    match op
+        .ask(Command::Start {
+            release: two.clone(),
+        })
+        .await
+        .result
+    {
+        ReplyResult::Accepted(b) => match *b {
+            ReplyBody::Started(s) => s.rollout,
+            other => panic!("{other:?}"),
+        },
+        ReplyResult::Refused(r) => panic!("start refused: {r:#?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_good_rollout_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &[]);
+    let artifacts = cfg.artifacts_dir.clone();
+    let running = fleet_coordinator::start(cfg).await.unwrap();
+    let port = running.mqtt_addr.unwrap().port();
+    let (one, two) = releases(Knobs {
+        approval: "auto",
+        canary_soak: "1s",
+        wave_soak: "1s",
+        error_rate_pts: 30.0,
+        waves: vec![50, 100],
+        ..Knobs::default()
+    });
+    let devices = fleet(
+        port,
+        6,
+        &one,
+        Behaviour {
+            bad_version: None,
+            error_rate_when_bad: 0.0,
+        },
+    );
+    let mut op = Operator::connect(port, "good").await;
+    wait_registered(&mut op, 6).await;
+
+    // A start without the rollback target held is refused with the checklist.
+    let r = op
+        .ask(Command::Start {
+            release: two.1.clone(),
+        })
+        .await;
+    let ReplyResult::Refused(refused) = r.result else {
+        panic!("{r:?}")
+    };
+    assert!(refused.message.contains("refused"), "{}", refused.message);
+    let failed: Vec<_> = refused.checklist.iter().filter(|i| !i.ok).collect();
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert_eq!(failed[0].name, "a rollback target present on each device");
+    assert!(failed[0].fix.is_some());
+
+    let id = start(&mut op, &one.1, &two.1).await;
+    let s = wait_status(&mut op, &id, RolloutStatus::Completed).await;
+    assert_eq!(s.deployed_count, 6, "{s:#?}");
+    for d in &devices {
+        let log = d.log.lock().unwrap();
+        assert_eq!(log.active.as_ref().unwrap().version, "2.0", "{}", d.id);
+    }
+    // Report, metrics, JSON API and artifacts.
+    let r = op
+        .ask(Command::Report {
+            rollout: id.clone(),
+        })
+        .await;
+    let ReplyResult::Accepted(b) = r.result else {
+        panic!()
+    };
+    let ReplyBody::Report(rep) = *b else { panic!() };
+    assert!(
+        rep.markdown.contains("| Deployed (healthy) | 6 | 100.0 |"),
+        "{}",
+        rep.markdown
+    );
+
+    let http = running.http_addr;
+    let (code, _, body) = tokio::task::spawn_blocking(move || http_get(http, "/metrics", ""))
+        .await
+        .unwrap();
+    let text = String::from_utf8(body).unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        text.contains("fleet_devices{status=\"online\"} 6"),
+        "{text}"
+    );
+    let (code, _, body) =
+        tokio::task::spawn_blocking(move || http_get(http, "/api/v1/rollouts", ""))
+            .await
+            .unwrap();
+    assert_eq!(code, 200);
+    let list: Vec<RolloutState> = serde_json::from_slice(&body).unwrap();
+    assert_eq!(list[0].status, RolloutStatus::Completed);
+    let (code, _, body) =
+        tokio::task::spawn_blocking(move || http_get(http, "/api/v1/audit?limit=5000", ""))
+            .await
+            .unwrap();
+    assert_eq!(code, 200);
+    let audit: Vec<fleet_proto::operator::AuditEntry> = serde_json::from_slice(&body).unwrap();
+    assert!(audit.iter().any(|a| a.action == "complete"), "{audit:#?}");
+
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+    let sha = fleet_proto::hex::Sha256::of(&data).to_string();
+    std::fs::write(artifacts.join(&sha), &data).unwrap();
+    let path = format!("/artifacts/{sha}");
+    let (code, head, body) =
+        tokio::task::spawn_blocking(move || http_get(http, &path, "Range: bytes=100-199\r\n"))
+            .await
+            .unwrap();
+    assert_eq!(code, 206, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-range: bytes 100-199/10000"),
+        "{head}"
+    );
+    assert_eq!(body, data[100..200]);
+    let path = format!("/artifacts/{sha}");
+    let (code, _, body) = tokio::task::spawn_blocking(move || http_get(http, &path, ""))
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(body, data);
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_canary_halts_and_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = fleet_coordinator::start(config(dir.path(), &[]))
+        .await
+        .unwrap();
+    let port = running.mqtt_addr.unwrap().port();
+    let (one, two) = releases(Knobs {
+        canary_soak: "30s",
+        wave_soak: "1s",
+        ..Knobs::default()
+    });
+    let devices = fleet(
+        port,
+        8,
+        &one,
+        Behaviour {
+            bad_version: Some("2.0".into()),
+            error_rate_when_bad: 0.9,
+        },
+    );
+    let mut op = Operator::connect(port, "bad").await;
+    wait_registered(&mut op, 8).await;
+    let id = start(&mut op, &one.1, &two.1).await;
+    let s = wait_status(&mut op, &id, RolloutStatus::Halted).await;
+    assert!(s.last_action.contains("error rate"), "{s:#?}");
+    assert_eq!(s.phase, fleet_proto::rollout::Phase::Prepare);
+    // The canary got 2.0 then 1.0 again; nobody else ever got 2.0.
+    let d2 = two.1.digest();
+    let d1 = one.1.digest();
+    let mut canaries = 0;
+    for d in &devices {
+        let got_two = || {
+            d.log
+                .lock()
+                .unwrap()
+                .desired
+                .iter()
+                .any(|x| x.release.as_ref().map(|r| r.digest()) == Some(d2))
+        };
+        if got_two() {
+            canaries += 1;
+            for _ in 0..100 {
+                let last = d
+                    .log
+                    .lock()
+                    .unwrap()
+                    .desired
+                    .last()
+                    .and_then(|x| x.release.as_ref().map(|r| r.digest()));
+                if last == Some(d1) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let last = d
+                .log
+                .lock()
+                .unwrap()
+                .desired
+                .last()
+                .and_then(|x| x.release.as_ref().map(|r| r.digest()));
+            assert_eq!(last, Some(d1), "{} was not rolled back", d.id);
+        }
+    }
+    assert!(
+        canaries >= 2 && canaries < 8,
+        "{canaries} devices got the release"
+    );
+    let r = op
+        .ask(Command::Report {
+            rollout: id.clone(),
+        })
+        .await;
+    let ReplyResult::Accepted(b) = r.result else {
+        panic!()
+    };
+    let ReplyBody::Report(rep) = *b else { panic!() };
+    assert!(rep.markdown.contains("## Halt"), "{}", rep.markdown);
+    assert!(rep.failure_pattern.is_some());
+    // Approving a halted rollout is refused with a message that names it.
+    let r = op
+        .ask(Command::Approve {
+            rollout: id.clone(),
+        })
+        .await;
+    let ReplyResult::Refused(refused) = r.result else {
+        panic!("{r:?}")
+    };
+    assert!(refused.message.contains(id.as_str()), "{}", refused.message);
+    assert!(
+        running
+            .metrics
+            .render()
+            .contains("fleet_trigger_firings_total{trigger=\"error_rate\"} 1")
+    );
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_are_counted_and_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = fleet_coordinator::start(config(dir.path(), &[]))
+        .await
+        .unwrap();
+    let port = running.mqtt_addr.unwrap().port();
+    let mut op = Operator::connect(port, "fuzz").await;
+    op.publish("fleet/v1/devices/x1/heartbeat", b"\x01garbage".to_vec())
+        .await;
+    op.publish("fleet/v1/devices/x1/heartbeat", vec![1; 3000])
+        .await;
+    op.publish("fleet/v1/devices/x1/state", vec![9, 1, 2, 3])
+        .await;
+    op.publish("fleet/v1/devices/x1/online", vec![1]).await;
+    op.publish("fleet/v1/devices/x1/events", vec![1, 200, 200, 200])
+        .await;
+    op.send_raw(b"{not json".to_vec()).await;
+    // A well-formed heartbeat naming another device is rejected and audited.
+    let (one, _) = releases(Knobs::default());
+    let dev = spawn_device(
+        port,
+        "real-1",
+        "rpi4",
+        "eu",
+        Some(testkit::installed(&one.0, &one.1)),
+        Behaviour {
+            bad_version: None,
+            error_rate_when_bad: 0.0,
+        },
+        Duration::from_millis(100),
+    );
+    let _ = dev;
+    let hb = fleet_proto::device::Heartbeat {
+        device: fleet_proto::DeviceId::new("someone-else").unwrap(),
+        seq: 1,
+        at: common::now(),
+        uptime: Duration::from_secs(1),
+        active_version: None,
+        rollout: None,
+        system: fleet_proto::device::SystemHealth {
+            cpu_pct: 1.0,
+            memory_used_bytes: 1,
+            memory_total_bytes: 2,
+            disk_free_bytes: 1,
+            disk_total_bytes: 2,
+            temperature_c: None,
+        },
+        app: fleet_proto::device::AppHealth {
+            status: fleet_proto::device::AppStatus::Healthy,
+            version: None,
+            error_rate: None,
+            p95_ms: None,
+            restarts_in_window: 0,
+            restarts_total: 0,
+            probe_ok: None,
+        },
+    };
+    op.publish("fleet/v1/devices/x1/heartbeat", fleet_proto::encode(&hb))
+        .await;
+    let m = running.metrics.clone();
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = m.render();
+        if text.contains("fleet_decode_errors_total{kind=\"heartbeat\"} 2")
+            && text.contains("fleet_decode_errors_total{kind=\"state\"} 1")
+            && text.contains("fleet_decode_errors_total{kind=\"online\"} 1")
+            && text.contains("fleet_decode_errors_total{kind=\"event\"} 1")
+            && text.contains("fleet_decode_errors_total{kind=\"command\"} 1")
+            && text.contains("fleet_rejected_reports_total 1")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        text.contains("fleet_decode_errors_total{kind=\"heartbeat\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fleet_decode_errors_total{kind=\"state\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fleet_decode_errors_total{kind=\"online\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fleet_decode_errors_total{kind=\"event\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fleet_decode_errors_total{kind=\"command\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("fleet_rejected_reports_total 1"), "{text}");
+    // Still alive and answering; the mismatch is in the audit trail; x1 was never registered.
+    let r = op
+        .ask(Command::Audit(fleet_proto::operator::AuditQuery::default()))
+        .await;
+    let ReplyResult::Accepted(b) = r.result else {
+        panic!("{r:?}")
+    };
+    let ReplyBody::Audit(rows) = *b else { panic!() };
+    assert!(
+        rows.iter()
+            .any(|a| a.action == "rejected heartbeat" && a.outcome.contains("someone-else")),
+        "{rows:#?}"
+    );
+    let r = op
+        .ask(Command::ShowDevice {
+            device: fleet_proto::DeviceId::new("x1").unwrap(),
+        })
+        .await;
+    assert!(matches!(r.result, ReplyResult::Refused(_)), "{r:?}");
+    running.stop().await.unwrap();
+}
