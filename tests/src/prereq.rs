@@ -142,6 +142,7 @@ mod tests {
             "SKIPPED: mosquitto not installed (apt-get install -y mosquitto)"
         );
         assert!(!skip.required());
-        assert_eq!(Outcome::<()>::Skipped(skip).or_skip(), None);
+        // `or_skip` itself (the printed line, the failure under FLEET_REQUIRE_E2E) is exercised
+        // in a child process by tests/harness.rs, where its output cannot mislead anyone.
     }
 }

@@ -29,6 +29,7 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Write as _};
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -408,6 +409,35 @@ impl Lab {
         let shown = format!("{cmd:?}");
         run_bounded(cmd, Input::Null, EXEC_TIMEOUT)
             .unwrap_or_else(|e| panic!("failed to run {shown}: {e}"))
+    }
+
+    /// Runs `f` on a thread that has joined the lab's network namespace, so sockets it opens
+    /// (an [`MqttProbe`](crate::MqttProbe) acting as the coordinator, an HTTP client) live in the
+    /// lab and reach [`Lab::GATEWAY`] and the devices. Keep such clients inside `f`: a socket
+    /// opened later on another thread would be in the host's namespace.
+    #[track_caller]
+    pub fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = Path::new("/run/netns").join(&self.inner.name);
+        let result = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let ns = File::open(&path)
+                        .unwrap_or_else(|e| panic!("failed to open {}: {e}", path.display()));
+                    // SAFETY: setns(2) on a valid namespace fd; it changes only this thread's
+                    // network namespace, and the thread ends with `f`.
+                    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(
+                        rc,
+                        0,
+                        "setns into {}: {}",
+                        path.display(),
+                        io::Error::last_os_error()
+                    );
+                    f()
+                })
+                .join()
+        });
+        result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     }
 
     /// Whether interface `name` exists in the lab namespace.

@@ -6,7 +6,12 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fleet_e2e::{Device, Lab, require, testbed, visible, wait_for, wait_until};
+use std::net::IpAddr;
+
+use fleet_e2e::{
+    Device, Lab, Mosquitto, MqttProbe, MqttUser, require, testbed, visible, wait_for, wait_until,
+};
+use rumqttc::QoS;
 
 const BOOT: Duration = Duration::from_secs(60);
 
@@ -123,7 +128,8 @@ fn watchdog_restarts_a_notify_unit_that_stops_pinging() {
     let lab = require!(Lab::new("watchdog"));
     let dev = boot_running("dev-w", &lab);
     // Pings the watchdog until /run/hang exists, then hangs without exiting.
-    // `--pid=$$` attributes each message to the main process, which outlives systemd-notify.
+    // `--pid=$$` attributes each message to the main process, which outlives systemd-notify
+    // (older systemd may drop a message whose sender has already exited).
     dev.write_file(
         "/usr/local/bin/pinger",
         b"#!/bin/sh\nsystemd-notify --pid=$$ --ready\nwhile [ ! -e /run/hang ]; do systemd-notify --pid=$$ WATCHDOG=1; sleep 0.1; done\nexec sleep infinity\n",
@@ -295,6 +301,69 @@ fn teardown_leaves_nothing_behind_even_when_a_test_panics() {
     // The failed test's directory is kept on purpose (for post-mortems); remove it here.
     assert!(dir.exists());
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_broker_in_the_lab_serves_devices_and_enforces_the_acl_across_a_restart() {
+    let lab = require!(Lab::new("broker"));
+    let users = [
+        MqttUser::device("dev-a"),
+        MqttUser::device("dev-b"),
+        MqttUser::coordinator("coordinator"),
+    ];
+    let dir = lab.dir().join("broker");
+    std::fs::create_dir_all(&dir).unwrap();
+    let gateway = IpAddr::V4(Lab::GATEWAY);
+    let mut broker = require!(Mosquitto::start_in_netns(
+        &dir,
+        &users,
+        lab.name(),
+        gateway,
+        1883
+    ));
+    let dev = boot_running("dev-a", &lab);
+    // curl speaks MQTT 3.1.1 (QoS 0 publish): the device needs no client of ours.
+    let publish = |topic: &str, payload: &str| {
+        dev.sh_ok(&format!(
+            "curl -sS --max-time 10 -u dev-a:pw-dev-a -d {payload} mqtt://gateway:1883/{topic}"
+        ));
+    };
+    let round = |label: &str| {
+        lab.in_netns(|| {
+            let mut coordinator = MqttProbe::connect(
+                &gateway.to_string(),
+                1883,
+                "coordinator",
+                "coordinator",
+                "pw-coordinator",
+            )
+            .unwrap();
+            coordinator.subscribe("fleet/v1/devices/+/state", QoS::AtLeastOnce);
+            publish("fleet/v1/devices/dev-b/state", &format!("forged-{label}"));
+            publish("fleet/v1/devices/dev-a/state", &format!("own-{label}"));
+            let mut before = Vec::new();
+            let own = coordinator.recv_on(
+                "fleet/v1/devices/dev-a/state",
+                Duration::from_secs(10),
+                &mut before,
+            );
+            assert_eq!(own.payload, format!("own-{label}").as_bytes());
+            assert!(before.is_empty(), "forged state delivered: {before:?}");
+        });
+    };
+    round("first");
+    broker.stop();
+    broker.start_again();
+    round("after-restart");
+    let log = broker.log();
+    assert_eq!(
+        log.matches("Denied PUBLISH").count(),
+        2,
+        "broker log:\n{log}"
+    );
+    // The device's traffic came over the lab bridge from its own address.
+    let from_device = format!("New connection from {}:", dev.addr());
+    assert!(log.contains(&from_device), "broker log:\n{log}");
 }
 
 /// Host pids of the processes in the PID namespace of `pid1`.
