@@ -344,7 +344,8 @@ mod tests {
             0o755
         );
 
-        let cases: [(&str, Box<dyn Fn(&mut tar::Builder<Vec<u8>>)>); 4] = [
+        type Build = Box<dyn Fn(&mut tar::Builder<Vec<u8>>)>;
+        let cases: [(&str, Build); 4] = [
             ("dotdot", Box::new(|b| file(b, "../evil", b"x"))),
             ("absolute", Box::new(|b| file(b, "/tmp/evil", b"x"))),
             ("link out", Box::new(|b| link(b, "out", "../../etc"))),

@@ -17,7 +17,8 @@ fn bad_releases_are_refused_and_nothing_changes() {
 
     let v = version("2.0.0", &[]);
     let (good, _) = signed_file_release(dev.dir.path(), 6, &v);
-    let mut cases: Vec<(&str, SignedRelease, Box<dyn Fn(&EventKind) -> bool>)> = Vec::new();
+    type Expect = Box<dyn Fn(&EventKind) -> bool>;
+    let mut cases: Vec<(&str, SignedRelease, Expect)> = Vec::new();
 
     let mut wrong_sha = good.clone();
     for a in wrong_sha.artifacts.values_mut() {
