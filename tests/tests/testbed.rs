@@ -47,6 +47,12 @@ fn two_devices_boot_and_reach_each_other_over_the_lab_bridge() {
         a.sh_ok("cat /etc/machine-id"),
         b.sh_ok("cat /etc/machine-id")
     );
+    // A host file installed into a running device, through its own filesystem.
+    let host_file = lab.dir().join("tool.sh");
+    std::fs::write(&host_file, "#!/bin/sh\necho tool on $(hostname)\n").unwrap();
+    a.install_file(&host_file, "/opt/fleet/bin/tool", 0o750);
+    assert_eq!(a.sh_ok("stat -c %a /opt/fleet/bin/tool"), "750");
+    assert_eq!(a.sh_ok("/opt/fleet/bin/tool"), "tool on dev-a");
     a.sh_ok("echo only-on-a > /root/mark");
     assert!(!b.sh("test -e /root/mark").success(), "disks are separate");
     // A device sees only its own few processes.
@@ -232,8 +238,15 @@ fn a_power_cut_kills_everything_and_the_disk_survives_the_next_boot() {
     let on_disk = std::fs::read_to_string(dev.disk().join("var/lib/fleet/committed")).unwrap();
     assert_eq!(on_disk, "v2.4.1\n");
 
+    // Installed while the device is down: written straight into its disk.
+    let host_file = lab.dir().join("marker");
+    std::fs::write(&host_file, "installed while off\n").unwrap();
+    dev.install_file(&host_file, "/etc/fleet/marker", 0o600);
+
     dev.boot_again();
     let state = dev.wait_running(BOOT);
+    assert_eq!(dev.sh_ok("cat /etc/fleet/marker"), "installed while off");
+    assert_eq!(dev.sh_ok("stat -c %a /etc/fleet/marker"), "600");
     assert_eq!(state, "running");
     assert_eq!(dev.boots(), 2);
     assert_eq!(dev.sh_ok("cat /var/lib/fleet/committed"), "v2.4.1");
