@@ -350,6 +350,12 @@ impl Driver {
             self.publish(&m).await;
             self.published.push(id);
         }
+        // Nobody listened while we were down: silence is measured from now on.
+        for d in self.devices.values_mut() {
+            if d.info.online {
+                d.info.last_seen = Some(now);
+            }
+        }
         let live: Vec<RolloutId> = self
             .rollouts
             .values()

@@ -945,12 +945,11 @@ impl Rollout {
         let wave = a.wave as usize;
         self.dirty.insert(id.clone());
         if !online {
-            // Silent after installing: suspected bricked, counts toward the unreachable trigger
-            // of its wave, but never as failed.
-            if matches!(state, DevState::Sent | DevState::Deployed) && wave == self.current {
-                self.set_unreachable(id, true);
-                self.evaluate_triggers(now, out);
-            }
+            // Design: going offline is not yet evidence. A device that stays silent for
+            // `silent_after` after it was sent the release counts toward the unreachable
+            // trigger (suspected bricked, see on_tick) — but never as failed. A reconnect
+            // (a last will followed by a quick return) costs nothing.
+            let _ = (state, wave);
             return;
         }
         let catch_up_time = (self.phase == Phase::Confirm && !self.is_final())
