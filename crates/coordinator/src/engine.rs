@@ -796,11 +796,12 @@ impl Rollout {
         if self.is_final() && self.status != RolloutStatus::Completed {
             return;
         }
-        if runs_release && matches!(state, DevState::Deployed | DevState::Sent) {
-            if let Some(b) = gate::device_breach(s, &self.release.thresholds) {
-                self.device_failed(id, b, now, out);
-                return;
-            }
+        if runs_release
+            && matches!(state, DevState::Deployed | DevState::Sent)
+            && let Some(b) = gate::device_breach(s, &self.release.thresholds)
+        {
+            self.device_failed(id, b, now, out);
+            return;
         }
         if wave == self.current || state == DevState::Deployed {
             self.evaluate_triggers(now, out);

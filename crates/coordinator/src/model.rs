@@ -188,3 +188,73 @@ pub fn reconcile_state(
     d.online = true;
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit;
+    use fleet_proto::device::{Reported, UpdatePhase};
+
+    fn report(d: &DeviceInfo, active: Option<Installed>, applied: u64, region: &str) -> Reported {
+        Reported {
+            device: d.id.clone(),
+            seq: 1,
+            facts: testkit::facts(d.device_type(), region, &[]),
+            active,
+            standby: None,
+            phase: UpdatePhase::Idle,
+            applied_sequence: applied,
+            last_outcome: None,
+            highest_counter: 5,
+            at: UnixMillis(0),
+        }
+    }
+
+    #[test]
+    fn reconciliation_trusts_the_device_and_flags_drift() {
+        let (r1, s1) = testkit::signed("app", "1.0", 1, &testkit::Knobs::default());
+        let (r2, s2) = testkit::signed("app", "2.0", 2, &testkit::Knobs::default());
+        let one = testkit::installed(&r1, &s1);
+        let two = testkit::installed(&r2, &s2);
+
+        // Unknown device: added, no discrepancy.
+        let mut d = DeviceInfo::new(DeviceId::new("n1").unwrap());
+        let rep = Reported {
+            facts: testkit::facts("rpi4", "eu", &[]),
+            ..report(&d, Some(one.clone()), 0, "eu")
+        };
+        let r = reconcile_state(&mut d, &rep, &[], UnixMillis(1));
+        assert!(r.added && r.discrepancy.is_none());
+        assert_eq!(d.active_digest(), Some(one.digest));
+
+        // An update the coordinator asked for: no discrepancy.
+        let r = reconcile_state(
+            &mut d,
+            &report(&d, Some(two.clone()), 0, "eu"),
+            &[two.digest],
+            UnixMillis(2),
+        );
+        assert_eq!(r.discrepancy, None);
+
+        // The release changed outside any rollout, and the region moved: flagged, registry
+        // updated from the device.
+        let r = reconcile_state(
+            &mut d,
+            &report(&d, Some(one.clone()), 0, "us"),
+            &[],
+            UnixMillis(3),
+        );
+        let what = r.discrepancy.unwrap();
+        assert!(
+            what.contains("region eu → us") && what.contains("outside any rollout"),
+            "{what}"
+        );
+        assert_eq!(d.region(), "us");
+        assert_eq!(d.active_digest(), Some(one.digest));
+        assert_eq!(d.highest_counter, 5);
+
+        // A device that applied a newer sequence than the registry knows raises ours.
+        reconcile_state(&mut d, &report(&d, Some(one), 42, "us"), &[], UnixMillis(4));
+        assert_eq!(d.desired_sequence, 42);
+    }
+}

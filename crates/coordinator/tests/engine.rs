@@ -512,5 +512,5 @@ fn a_worsening_trend_asks_the_wave_for_fast_reports_first() {
         fast_at.is_some() && fast_at < fired_at,
         "{fast_at:?} {fired_at:?}"
     );
-    assert_eq!(f.rollout.waves[0].watching, true);
+    assert!(f.rollout.waves[0].watching);
 }

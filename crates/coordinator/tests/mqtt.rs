@@ -324,7 +324,7 @@ async fn a_bad_canary_halts_and_rolls_back() {
         }
     }
     assert!(
-        canaries >= 2 && canaries < 8,
+        (2..8).contains(&canaries),
         "{canaries} devices got the release"
     );
     let r = op
