@@ -228,22 +228,14 @@ mod tests {
         assert_eq!(d.active_digest(), Some(one.digest));
 
         // An update the coordinator asked for: no discrepancy.
-        let r = reconcile_state(
-            &mut d,
-            &report(&d, Some(two.clone()), 0, "eu"),
-            &[two.digest],
-            UnixMillis(2),
-        );
+        let rep = report(&d, Some(two.clone()), 0, "eu");
+        let r = reconcile_state(&mut d, &rep, &[two.digest], UnixMillis(2));
         assert_eq!(r.discrepancy, None);
 
         // The release changed outside any rollout, and the region moved: flagged, registry
         // updated from the device.
-        let r = reconcile_state(
-            &mut d,
-            &report(&d, Some(one.clone()), 0, "us"),
-            &[],
-            UnixMillis(3),
-        );
+        let rep = report(&d, Some(one.clone()), 0, "us");
+        let r = reconcile_state(&mut d, &rep, &[], UnixMillis(3));
         let what = r.discrepancy.unwrap();
         assert!(
             what.contains("region eu → us") && what.contains("outside any rollout"),
@@ -254,7 +246,8 @@ mod tests {
         assert_eq!(d.highest_counter, 5);
 
         // A device that applied a newer sequence than the registry knows raises ours.
-        reconcile_state(&mut d, &report(&d, Some(one), 42, "us"), &[], UnixMillis(4));
+        let rep = report(&d, Some(one), 42, "us");
+        reconcile_state(&mut d, &rep, &[], UnixMillis(4));
         assert_eq!(d.desired_sequence, 42);
     }
 }
