@@ -1,0 +1,409 @@
+//! The fleet's own processes in a test: the `fleet-coordinator` binary, `fleetctl` runs, and
+//! signed releases made the way a release engineer makes them (`fleetctl keygen`, `manifest
+//! sign`, `artifact pack`).
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use crate::process::{Child, TestDir, binary, free_port, wait_for};
+
+/// A running `fleet-coordinator` binary with its embedded broker (or pointed at an external one).
+#[derive(Debug)]
+pub struct Coordinator {
+    pub child: Child,
+    pub mqtt_port: u16,
+    pub http_port: u16,
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+/// Settings that make rollouts take seconds instead of hours.
+pub const FAST: &[(&str, &str)] = &[
+    ("DEVICES__HEARTBEAT_INTERVAL", "300ms"),
+    ("DEVICES__OFFLINE_AFTER_INTERVALS", "10"),
+    ("ROLLOUT__TICK", "100ms"),
+    ("ROLLOUT__SILENT_AFTER_INTERVALS", "20"),
+    ("ROLLOUT__INSTALL_TIMEOUT", "60s"),
+    ("GATE__MIN_SAMPLES", "6"),
+    ("GATE__MIN_CONTROL_SAMPLES", "6"),
+    ("GATE__Z", "1.0"),
+];
+
+impl Coordinator {
+    /// Starts the coordinator with its embedded broker on free ports, its database in `dir`,
+    /// trusting `release_key` (hex), with `settings` as `FLEET_COORDINATOR__KEY=value`.
+    pub fn start(dir: &Path, release_key: &str, settings: &[(&str, &str)]) -> Coordinator {
+        let mqtt_port = free_port();
+        Self::spawn(dir, mqtt_port, release_key, settings, Vec::new())
+    }
+
+    /// Starts the coordinator against an external broker (e.g. mosquitto) as user `user`.
+    pub fn start_external(
+        dir: &Path,
+        release_key: &str,
+        settings: &[(&str, &str)],
+        broker_url: &str,
+        user: &str,
+        password: &str,
+        broker_port: u16,
+    ) -> Coordinator {
+        let extra = vec![
+            ("BROKER__MODE".to_owned(), "external".to_owned()),
+            ("BROKER__URL".to_owned(), broker_url.to_owned()),
+            ("BROKER__USERNAME".to_owned(), user.to_owned()),
+            ("BROKER__PASSWORD".to_owned(), password.to_owned()),
+        ];
+        Self::spawn(dir, broker_port, release_key, settings, extra)
+    }
+
+    fn spawn(
+        dir: &Path,
+        mqtt_port: u16,
+        release_key: &str,
+        settings: &[(&str, &str)],
+        extra: Vec<(String, String)>,
+    ) -> Coordinator {
+        let http_port = free_port();
+        let mut env: Vec<(String, String)> = vec![
+            ("BROKER__LISTEN".into(), format!("127.0.0.1:{mqtt_port}")),
+            ("HTTP__LISTEN".into(), format!("127.0.0.1:{http_port}")),
+            (
+                "DATABASE__PATH".into(),
+                dir.join("registry.db").display().to_string(),
+            ),
+            (
+                "HTTP__ARTIFACTS_DIR".into(),
+                dir.join("artifacts").display().to_string(),
+            ),
+            ("RELEASE_KEYS".into(), release_key.to_owned()),
+        ];
+        env.extend(
+            settings
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        env.extend(extra);
+        let mut c = Coordinator {
+            child: Self::launch(dir, &env),
+            mqtt_port,
+            http_port,
+            dir: dir.to_owned(),
+            env,
+        };
+        c.wait_ready();
+        c
+    }
+
+    fn launch(dir: &Path, env: &[(String, String)]) -> Child {
+        let mut cmd = Command::new(binary("fleet-coordinator"));
+        cmd.current_dir(dir)
+            .env("FLEET_LOG", "info,fleet_coordinator=debug");
+        for (k, v) in env {
+            cmd.env(format!("FLEET_COORDINATOR__{k}"), v);
+        }
+        Child::spawn("coordinator", cmd, dir)
+    }
+
+    fn wait_ready(&mut self) {
+        let port = self.http_port;
+        wait_for(
+            Duration::from_secs(30),
+            "the coordinator's /metrics",
+            || http_get(port, "/metrics").filter(|(code, _)| *code == 200),
+        );
+    }
+
+    /// kill -9, then start again on the same ports and database.
+    pub fn kill_and_restart(&mut self) {
+        self.child.kill();
+        self.child = Self::launch(&self.dir, &self.env);
+        self.wait_ready();
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.http_port, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    /// One metric's value, e.g. `fleet_decode_errors_total{kind="heartbeat"}`.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == name).then(|| v.parse().ok()).flatten()
+        })
+    }
+
+    pub fn broker_url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.mqtt_port)
+    }
+}
+
+/// A minimal HTTP GET on 127.0.0.1: `(status, body)`, or `None` when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let code = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((code, body))
+}
+
+/// What one `fleetctl` run printed.
+#[derive(Debug)]
+pub struct CtlRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtlRun {
+    #[track_caller]
+    pub fn ok(self) -> String {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "fleetctl failed:\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self.stdout
+    }
+
+    #[track_caller]
+    pub fn fails(self, code: i32) -> CtlRun {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "fleetctl:\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn json<T: DeserializeOwned>(self) -> T {
+        let out = self.ok();
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("fleetctl printed no JSON ({e}):\n{out}"))
+    }
+}
+
+/// `fleetctl` as an operator runs it: in a working directory, against one broker, as one name.
+#[derive(Clone, Debug)]
+pub struct Ctl {
+    pub dir: PathBuf,
+    pub broker: String,
+    pub operator: String,
+    pub extra_env: Vec<(String, String)>,
+}
+
+impl Ctl {
+    pub fn new(dir: &Path, broker: &str, operator: &str) -> Ctl {
+        Ctl {
+            dir: dir.to_owned(),
+            broker: broker.to_owned(),
+            operator: operator.to_owned(),
+            extra_env: Vec::new(),
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> CtlRun {
+        self.run_with_timeout(args, Duration::from_secs(120))
+    }
+
+    pub fn run_with_timeout(&self, args: &[&str], limit: Duration) -> CtlRun {
+        let mut cmd = Command::new(binary("fleetctl"));
+        cmd.args(args)
+            .current_dir(&self.dir)
+            .env("XDG_CONFIG_HOME", &self.dir)
+            .env_remove("FLEET_BROKER")
+            .env_remove("FLEET_OPERATOR")
+            .env("FLEET_TIMEOUT", "20s");
+        // Empty: left to fleetctl's config file and defaults.
+        if !self.broker.is_empty() {
+            cmd.env("FLEET_BROKER", &self.broker);
+        }
+        if !self.operator.is_empty() {
+            cmd.env("FLEET_OPERATOR", &self.operator);
+        }
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        let out = run_bounded(cmd, limit, &format!("fleetctl {}", args.join(" ")));
+        CtlRun {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// Runs a command to completion, killing it (and failing loudly) after `limit`.
+fn run_bounded(mut cmd: Command, limit: Duration, what: &str) -> Output {
+    use std::process::Stdio;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child =
+        crate::process::spawn_tied(cmd).unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
+    let reader = std::thread::spawn(move || {
+        let mut o = Vec::new();
+        if let Some(s) = out.as_mut() {
+            let _ = s.read_to_end(&mut o);
+        }
+        o
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut e = Vec::new();
+        if let Some(s) = err.as_mut() {
+            let _ = s.read_to_end(&mut e);
+        }
+        e
+    });
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap_or(None) {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+/// A release engineer's desk: a key pair made by `fleetctl keygen`, manifests signed with
+/// `fleetctl manifest sign`.
+#[derive(Debug)]
+pub struct Releases {
+    pub ctl: Ctl,
+    pub public_key: String,
+}
+
+/// What changes between test releases; everything else has test defaults.
+#[derive(Clone, Debug)]
+pub struct ReleaseSpec {
+    pub name: String,
+    pub version: String,
+    pub counter: u64,
+    pub rollback_to: Option<(u64, String)>,
+    pub hardware: Vec<String>,
+    /// `[artifacts.ARCH]` stanzas (from `fleetctl artifact pack`), or a placeholder.
+    pub artifacts: String,
+    pub entrypoint: String,
+    pub args: Vec<String>,
+    pub memory_mb: u64,
+    pub approval: &'static str,
+    pub canary_soak: &'static str,
+    pub wave_soak: &'static str,
+    pub waves: &'static str,
+    pub trial: &'static str,
+    pub extra: String,
+}
+
+impl ReleaseSpec {
+    pub fn new(version: &str, counter: u64) -> ReleaseSpec {
+        let arch = std::env::consts::ARCH;
+        ReleaseSpec {
+            name: "demo".into(),
+            version: version.into(),
+            counter,
+            rollback_to: None,
+            hardware: vec!["jetson-orin".into(), "rpi4".into(), "x86-gateway".into()],
+            artifacts: format!(
+                "[artifacts.{arch}]\nurl = \"file:///nonexistent/demo-{version}.tar.gz\"\nsha256 = \"{}\"\nsize = 1000\n",
+                "ab".repeat(32)
+            ),
+            entrypoint: "bin/app".into(),
+            args: vec!["--port".into(), "{port}".into()],
+            memory_mb: 64,
+            approval: "manual",
+            canary_soak: "3s",
+            wave_soak: "3s",
+            waves: "[50, 100]",
+            trial: "deadline = \"30s\"\ngood_probes = 3\nprobe_interval = \"500ms\"",
+            extra: String::new(),
+        }
+    }
+
+    pub fn toml(&self) -> String {
+        let rollback = self
+            .rollback_to
+            .as_ref()
+            .map(|(c, v)| format!("rollback_to = {{ counter = {c}, version = \"{v}\" }}\n"))
+            .unwrap_or_default();
+        let quote = |v: &[String]| {
+            v.iter()
+                .map(|s| format!("\"{s}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        format!(
+            "[release]\nname = \"{name}\"\nversion = \"{version}\"\ncounter = {counter}\nexpires = \"2099-01-01T00:00:00Z\"\nhardware = [{hardware}]\n{rollback}\n{artifacts}\n[run]\nentrypoint = \"{entry}\"\nargs = [{args}]\n\n[resources]\ndisk_mb = 1\nmemory_mb = {memory}\n\n[health]\nendpoint = \"http://127.0.0.1:{{port}}/health\"\ntimeout = \"1s\"\n\n[trial]\n{trial}\n\n[strategy]\napproval = \"{approval}\"\ncanary_soak = \"{canary}\"\nwave_soak = \"{wave}\"\nwaves = {waves}\n{extra}",
+            name = self.name,
+            version = self.version,
+            counter = self.counter,
+            hardware = quote(&self.hardware),
+            artifacts = self.artifacts,
+            entry = self.entrypoint,
+            args = quote(&self.args),
+            memory = self.memory_mb,
+            trial = self.trial,
+            approval = self.approval,
+            canary = self.canary_soak,
+            wave = self.wave_soak,
+            waves = self.waves,
+            extra = self.extra,
+        )
+    }
+}
+
+impl Releases {
+    /// Makes a key pair with `fleetctl keygen` in `dir`.
+    pub fn new(dir: &TestDir, broker: &str) -> Releases {
+        let ctl = Ctl::new(&dir.subdir("releases"), broker, "release-engineer");
+        ctl.run(&["keygen"]).ok();
+        let public_key = std::fs::read_to_string(ctl.dir.join("release.pub"))
+            .unwrap_or_else(|e| panic!("fleetctl keygen wrote no release.pub: {e}"))
+            .trim()
+            .to_owned();
+        Releases { ctl, public_key }
+    }
+
+    /// Writes `FILE.toml` from `spec`, signs it, and returns the manifest's path.
+    pub fn sign(&self, file: &str, spec: &ReleaseSpec) -> PathBuf {
+        let manifest = self.ctl.dir.join(format!("{file}.toml"));
+        std::fs::write(&manifest, spec.toml())
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", manifest.display()));
+        self.ctl
+            .run(&[
+                "manifest",
+                "sign",
+                manifest.to_str().unwrap_or_default(),
+                "--key",
+                "release.key",
+            ])
+            .ok();
+        manifest
+    }
+}
