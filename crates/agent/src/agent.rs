@@ -650,14 +650,21 @@ impl Driver {
         }
     }
 
-    async fn sample(&mut self, release: &fleet_proto::Release) -> Sample {
-        let st = self
-            .runtime
-            .status(release.thresholds.crash_loop_window)
-            .await;
+    /// Samples the app. In a trial the release's own window and timeout apply; outside one
+    /// (heartbeats) the agent's `app.crash_loop_window` and `reports.health_timeout`.
+    async fn sample(&mut self, release: &fleet_proto::Release, on_trial: bool) -> Sample {
+        let (window, timeout) = if on_trial {
+            (release.thresholds.crash_loop_window, release.health.timeout)
+        } else {
+            (
+                self.cfg.app.crash_loop_window,
+                self.cfg.reports.health_timeout,
+            )
+        };
+        let st = self.runtime.status(window).await;
         let (health, error_rate, p95) = if st.running {
             let endpoint = with_port(&release.health.endpoint, self.cfg.app.port);
-            let (a, e, p) = health::probe_health(&endpoint, release.health.timeout).await;
+            let (a, e, p) = health::probe_health(&endpoint, timeout).await;
             (Some(a), e, p)
         } else {
             (None, None, None)
@@ -716,7 +723,7 @@ impl Driver {
             // Rolling back to nothing: the machine finished it already.
             return Ok(());
         };
-        let sample = self.sample(&release).await;
+        let sample = self.sample(&release, true).await;
         debug!(?sample, "probe");
         fault::point("trial-probing");
         self.apply(Input::Probe { sequence, sample }).await?;
@@ -733,7 +740,7 @@ impl Driver {
         if !probing {
             match self.probed_release() {
                 Some(release) => {
-                    let _ = self.sample(&release).await;
+                    let _ = self.sample(&release, false).await;
                 }
                 None => self.last_app.status = AppStatus::NotInstalled,
             }

@@ -133,6 +133,7 @@ pub struct Seen {
     pub events: Vec<Event>,
     pub states: Vec<Reported>,
     pub heartbeats: u32,
+    pub last_heartbeat: Option<fleet_proto::device::Heartbeat>,
     pub online: Vec<bool>,
 }
 
@@ -182,7 +183,10 @@ impl Observer {
                                     s.states.push(r);
                                 }
                             }
-                            Topic::Heartbeat(_) => s.heartbeats += 1,
+                            Topic::Heartbeat(_) => {
+                                s.heartbeats += 1;
+                                s.last_heartbeat = decode(&p.payload).ok();
+                            }
                             Topic::Online(_) => {
                                 if let Ok(o) = decode::<fleet_proto::device::Online>(&p.payload) {
                                     s.online.push(o.online);
@@ -544,6 +548,24 @@ health_timeout = "500ms"
         });
     }
 
+    /// Files and digests of one slot directory.
+    pub fn snapshot_of(&self, slot_dir: &Path) -> Vec<String> {
+        let dir = self.root().join(slot_dir);
+        let mut files: Vec<String> = walk(&dir)
+            .into_iter()
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap_or_default();
+                format!(
+                    "{} {}",
+                    p.strip_prefix(&dir).unwrap().display(),
+                    Sha256::of(&bytes).short()
+                )
+            })
+            .collect();
+        files.sort();
+        files
+    }
+
     /// What the active link and slots look like, to compare before/after.
     pub fn snapshot(&self) -> String {
         let mut out = format!(
@@ -623,7 +645,10 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(device: &Device, env: &[(&str, &str)]) -> Agent {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleet-agent"));
+        // MEASURE_AGENT_BIN points the size/RSS measurement at the release build.
+        let bin = std::env::var("MEASURE_AGENT_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fleet-agent").into());
+        let mut cmd = Command::new(bin);
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("FLEET_") {
                 cmd.env_remove(k);

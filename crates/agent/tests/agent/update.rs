@@ -61,10 +61,50 @@ fn good_release_commits_and_serves() {
         );
     }
     // Heartbeats flow at the coordinator's interval (1 s here).
-    wait_until("heartbeats", PATIENCE, || {
-        (obs.seen.lock().unwrap().heartbeats >= 2).then_some(())
+    let hb = wait_until("a heartbeat with layers 2-4 of 2.0.0", PATIENCE, || {
+        let s = obs.seen.lock().unwrap();
+        s.last_heartbeat
+            .clone()
+            .filter(|h| h.app.version.as_deref() == Some("2.0.0") && h.app.probe_ok.is_some())
     });
+    assert_eq!(hb.app.status, fleet_proto::device::AppStatus::Healthy);
+    assert_eq!(hb.app.probe_ok, Some(true));
+    assert_eq!(hb.active_version.as_deref(), Some("2.0.0"));
+    assert!(hb.app.p95_ms.is_some() && hb.app.error_rate.is_some());
+    assert!(hb.system.memory_total_bytes > 0 && hb.system.disk_total_bytes > 0);
     obs.assert_no_gap();
+}
+
+#[test]
+fn failing_post_install_hook_leaves_the_active_slot_alone() {
+    let dev = Device::new("hook", broker());
+    let obs = Observer::new(dev.broker_port, &dev.id);
+    let _agent = Agent::start(&dev, &[]);
+    commit_first(&dev, &obs, &version("1.0.0", &[]), 1, 1);
+    let link = std::fs::read_link(dev.root().join("active")).unwrap();
+    let active_before = dev.snapshot_of(&link);
+    let mut v2 = version("2.0.0", &[]);
+    v2.hook = Some("#!/bin/sh\necho 'engine build failed' >&2\nexit 9\n".into());
+    let (_, s2) = signed_file_release(dev.dir.path(), 2, &v2);
+    obs.publish_desired(&desired(&dev.id, 2, Some(s2), 0));
+    let e = obs.wait_event("hook failure", PATIENCE, |e| {
+        e.sequence == 2 && matches!(e.kind, EventKind::Failed { .. })
+    });
+    let EventKind::Failed { reason } = &e.kind else {
+        unreachable!()
+    };
+    assert!(
+        reason.to_string().contains("engine build failed"),
+        "{reason}"
+    );
+    assert_eq!(std::fs::read_link(dev.root().join("active")).unwrap(), link);
+    assert_eq!(dev.snapshot_of(&link), active_before);
+    assert_eq!(dev.app_version().as_deref(), Some("1.0.0"));
+    assert!(
+        !obs.events()
+            .iter()
+            .any(|e| e.sequence == 2 && matches!(e.kind, EventKind::Swapped { .. }))
+    );
 }
 
 /// Commits 1.0.0, offers a bad 2.0.0 and checks it is rolled back for `reason`.
@@ -190,4 +230,30 @@ fn failed_functional_probe_rolls_back() {
         |_| {},
         |r| matches!(r, RollbackReason::ProbeFailed { detail } if detail.contains("digest")),
     );
+}
+
+/// Idle RSS of the agent with a committed app, connected, heartbeating. Run against the release
+/// build: `MEASURE_AGENT_BIN=target/release/fleet-agent cargo test -p fleet-agent --test agent
+/// idle_rss -- --ignored --nocapture`.
+#[test]
+#[ignore = "a measurement, not a check; see README"]
+fn idle_rss() {
+    let dev = Device::new("rss", broker());
+    let obs = Observer::new(dev.broker_port, &dev.id);
+    let mut agent = Agent::start(&dev, &[]);
+    commit_first(&dev, &obs, &version("1.0.0", &[]), 1, 1);
+    let pid = agent.child.id();
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .to_string()
+    };
+    for i in 0..6 {
+        std::thread::sleep(Duration::from_secs(5));
+        eprintln!("after {:>2} s idle: {}", (i + 1) * 5, rss());
+    }
+    assert!(agent.is_running());
 }
