@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use fleet_proto::release::{key_id, parse_public_key, parse_signing_key};
 use fleet_proto::{SigningKey, VerifyingKey};
 
-use crate::exit::{Exit, Failure};
+use fleetctl::exit::{Exit, Failure};
 
 pub struct KeyPair {
     pub secret: PathBuf,

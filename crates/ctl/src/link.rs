@@ -25,7 +25,16 @@ pub struct Link {
     settings: Settings,
 }
 
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("broker", &self.settings.broker)
+            .finish()
+    }
+}
+
 /// What the coordinator answered.
+#[derive(Debug)]
 pub enum Answer {
     Accepted(ReplyBody),
     Refused(Refused),

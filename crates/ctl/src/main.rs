@@ -5,22 +5,13 @@
 //!
 //! # Layout
 //! - `cli`: the commands and flags (clap).
-//! - `settings`: connection settings from flags, `FLEET_…` variables and the config file.
-//! - `link`: MQTT request/reply and following a rollout's state topic.
-//! - `watch`: `rollout watch` progress view.
-//! - `render`: human output (tables, checklist, progress bars).
 //! - `keys`, `sign`, `pack`: key pairs, manifest signing and verification, artifact packing.
-//! - `exit`: documented exit statuses and the failure type that carries them.
+//! - the library (`fleetctl::…`): the MQTT link, settings, watch, rendering, exit statuses.
 
 mod cli;
-mod exit;
 mod keys;
-mod link;
 mod pack;
-mod render;
-mod settings;
 mod sign;
-mod watch;
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
@@ -28,13 +19,14 @@ use std::time::{Duration, SystemTime};
 
 use clap::{CommandFactory as _, Parser as _};
 use fleet_proto::UnixMillis;
-use fleet_proto::operator::{AuditQuery, Command, Refused, ReplyBody};
+use fleet_proto::operator::{AuditQuery, Command, ReplyBody};
 use fleet_proto::rollout::RolloutStatus;
 use serde::Serialize;
 
 use cli::{ArtifactCmd, Cli, Cmd, DeviceCmd, ManifestCmd, RolloutCmd};
-use exit::{Exit, Failure};
-use link::{Answer, Link};
+use fleetctl::exit::{Exit, Failure};
+use fleetctl::link::{Answer, Link};
+use fleetctl::{refused, render, settings, watch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -73,21 +65,6 @@ fn now() -> UnixMillis {
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
-}
-
-/// A coordinator refusal as a failure: the message, every failed checklist item, the hint.
-pub fn refused(r: Refused) -> Failure {
-    let mut message = r.message;
-    let failed: Vec<_> = r.checklist.iter().filter(|i| !i.ok).cloned().collect();
-    if !failed.is_empty() {
-        message.push('\n');
-        message.push_str(render::checklist(&failed).trim_end());
-    }
-    Failure {
-        exit: Exit::Refused,
-        message,
-        hint: r.hint,
-    }
 }
 
 fn unexpected(what: &str) -> anyhow::Error {

@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use fleet_proto::release::{Release, SignedRelease, key_id};
 use fleet_proto::{SigningKey, UnixMillis, VerifyingKey, manifest};
 
-use crate::exit::{Exit, Failure};
+use fleetctl::exit::{Exit, Failure};
 
 /// A counter more than this far above the release it rolls back to (or above zero, for a first
 /// release) is almost certainly a typo, and an irreversible one: agents refuse every counter
