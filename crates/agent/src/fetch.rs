@@ -270,6 +270,87 @@ fn copy_bounded(
 mod tests {
     use super::*;
 
+    /// Serves one response per connection from `respond(connection index, stream)`.
+    fn server(respond: impl Fn(usize, &mut std::net::TcpStream) + Send + 'static) -> u16 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for (i, s) in listener.incoming().enumerate() {
+                let Ok(mut s) = s else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                respond(i, &mut s);
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn http_stops_at_the_declared_size_of_endless_data() {
+        let data: Vec<u8> = (0..50_000u32).map(|i| (i % 7) as u8).collect();
+        let body = data.clone();
+        let port = server(move |_, s| {
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n");
+            // No length, never ends on its own.
+            loop {
+                if s.write_all(&body).is_err() {
+                    return;
+                }
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("a");
+        let spec = Spec {
+            url: format!("http://127.0.0.1:{port}/a"),
+            sha256: Sha256::of(&data),
+            size: data.len() as u64,
+            dest: dest.clone(),
+        };
+        fetch(&spec, &cfg(), |_| {}).unwrap();
+        assert_eq!(fs::read(&dest).unwrap(), data);
+    }
+
+    #[test]
+    fn slow_retrieval_is_cut() {
+        let port = server(|_, s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n");
+            for _ in 0..200 {
+                if s.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let spec = Spec {
+            url: format!("http://127.0.0.1:{port}/a"),
+            sha256: Sha256::of(b"whatever"),
+            size: 100_000,
+            dest: dir.path().join("a"),
+        };
+        let slow = FetchConfig {
+            attempts: 1,
+            min_rate_bytes_per_sec: 10_000,
+            min_rate_window: Duration::from_millis(300),
+            ..cfg()
+        };
+        let started = Instant::now();
+        let err = fetch(&spec, &slow, |_| {}).unwrap_err().to_string();
+        assert!(err.contains("too slow"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(3));
+        // The overall deadline cuts a slow transfer too.
+        let deadline = FetchConfig {
+            attempts: 1,
+            min_rate_bytes_per_sec: 0,
+            deadline: Duration::from_millis(300),
+            ..cfg()
+        };
+        let _ = fs::remove_file(&spec.dest);
+        let err = fetch(&spec, &deadline, |_| {}).unwrap_err().to_string();
+        assert!(err.contains("deadline") || err.contains("imeout"), "{err}");
+    }
+
     fn cfg() -> FetchConfig {
         FetchConfig {
             attempts: 2,

@@ -116,6 +116,8 @@ fn main() -> ExitCode {
         };
         fleet_agent::run_with(config, shutdown, fleet_agent::Options { notifier }).await
     });
+    // A download or hook still running on a blocking thread must not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => exit(Exit::Ok),
         Err(e) => {
