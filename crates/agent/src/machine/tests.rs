@@ -749,3 +749,217 @@ fn failed_install_wipes_the_standby_and_a_first_install_rolls_back_to_nothing() 
     );
     assert_eq!(s.active, None);
 }
+
+mod properties {
+    //! Invariants under arbitrary input sequences: the counter never goes down, the active
+    //! (and the running) slot is never written, and no state leaves the device without a
+    //! runnable slot once one was committed.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Desired {
+            release: u8,
+            retry: u32,
+            none: bool,
+        },
+        DownloadOk,
+        DownloadErr,
+        InstallOk,
+        InstallErr,
+        Swapped,
+        ProbeGood,
+        ProbeBad(u8),
+        Boot {
+            link: Option<bool>,
+        },
+        LateTime,
+        /// Whatever moves the current update forward (weighted up so updates finish).
+        Advance(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0u8..6, 0u32..2, any::<bool>()).prop_map(|(release, retry, none)| Op::Desired {
+                release,
+                retry,
+                none: none && release == 0
+            }),
+            Just(Op::DownloadOk),
+            Just(Op::DownloadErr),
+            Just(Op::InstallOk),
+            Just(Op::InstallErr),
+            Just(Op::Swapped),
+            Just(Op::ProbeGood),
+            Just(Op::ProbeGood),
+            (0u8..4).prop_map(Op::ProbeBad),
+            prop::option::of(any::<bool>()).prop_map(|link| Op::Boot { link }),
+            Just(Op::LateTime),
+            (0u8..4).prop_map(Op::Advance),
+            (0u8..4).prop_map(Op::Advance),
+            (0u8..4).prop_map(Op::Advance),
+            (0u8..4).prop_map(Op::Advance),
+        ]
+    }
+
+    fn pool(i: u8) -> Release {
+        let mut r = match i {
+            0 => release(1, "1.0"),
+            1 => release(2, "2.0"),
+            2 => release(3, "3.0"),
+            3 => {
+                let mut r = release(4, "4.0");
+                r.rollback_to = Some(RollbackTo {
+                    counter: 2,
+                    version: "2.0".into(),
+                });
+                r
+            }
+            4 => {
+                let mut r = release(5, "5.0");
+                r.hardware = vec!["other".into()];
+                r
+            }
+            _ => release(2, "2.0-reused"),
+        };
+        r.trial.good_probes = 2;
+        r
+    }
+
+    fn input(op: &Op, s: &State, next_seq: &mut u64, now: &mut UnixMillis) -> Input {
+        let seq = s.phase.job().map(|j| j.sequence).unwrap_or(0);
+        let version = match &s.phase {
+            Phase::Trial { job, .. } => job.release.version.clone(),
+            Phase::RollingBack { to, .. } => to
+                .and_then(|t| s.slot(t))
+                .map(|c| c.installed.version.clone())
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
+        let advanced;
+        let op = match (op, &s.phase) {
+            (Op::Advance(r), Phase::Idle) => {
+                advanced = Op::Desired {
+                    release: *r,
+                    retry: 0,
+                    none: false,
+                };
+                &advanced
+            }
+            (Op::Advance(_), Phase::Downloading { .. }) => &Op::DownloadOk,
+            (Op::Advance(_), Phase::Installing { .. }) => &Op::InstallOk,
+            (Op::Advance(_), Phase::Swapping { .. }) => &Op::Swapped,
+            (Op::Advance(_), _) => &Op::ProbeGood,
+            (other, _) => other,
+        };
+        match op {
+            Op::Desired {
+                release,
+                retry,
+                none,
+            } => {
+                *next_seq += 1;
+                let r = pool(*release);
+                desired_input(*next_seq, (!none).then_some(&r), *retry)
+            }
+            Op::DownloadOk => Input::Downloaded {
+                sequence: seq,
+                result: Ok(()),
+            },
+            Op::DownloadErr => Input::Downloaded {
+                sequence: seq,
+                result: Err(Failure::Download {
+                    detail: "cut".into(),
+                }),
+            },
+            Op::InstallOk => Input::Installed {
+                sequence: seq,
+                result: Ok(()),
+            },
+            Op::InstallErr => Input::Installed {
+                sequence: seq,
+                result: Err(Failure::Install {
+                    detail: "bad".into(),
+                }),
+            },
+            Op::Swapped => Input::Swapped { sequence: seq },
+            Op::ProbeGood => probe(seq, sample(&version, AppStatus::Healthy)),
+            Op::ProbeBad(k) => probe(
+                seq,
+                match k {
+                    0 => sample("wrong", AppStatus::Healthy),
+                    1 => sample(&version, AppStatus::Unhealthy),
+                    2 => Sample {
+                        health: Some(HealthAnswer::NoAnswer),
+                        ..sample(&version, AppStatus::Healthy)
+                    },
+                    _ => Sample {
+                        running: false,
+                        exits: 1,
+                        health: None,
+                        ..sample(&version, AppStatus::Healthy)
+                    },
+                },
+            ),
+            Op::Boot { link } => Input::Boot {
+                link: match link {
+                    None => None,
+                    Some(true) => s.link_target(),
+                    Some(false) => s.link_target().map(Slot::other),
+                },
+            },
+            Op::Advance(_) => unreachable!("resolved above"),
+            Op::LateTime => {
+                *now = now.saturating_add(Duration::from_secs(120));
+                probe(seq, sample(&version, AppStatus::Degraded))
+            }
+        }
+    }
+
+    fn desired_input(sequence: u64, r: Option<&Release>, retry: u32) -> Input {
+        desired(sequence, r, retry)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        #[test]
+        fn invariants_hold_for_any_input_sequence(ops in prop::collection::vec(op(), 1..60)) {
+            let ctx = ctx();
+            let mut s = State::fresh();
+            let mut next_seq = 0;
+            let mut now = NOW;
+            let mut ever_committed = false;
+            for op in &ops {
+                let before = s.clone();
+                let inp = input(op, &s, &mut next_seq, &mut now);
+                let (next, actions) = step(&ctx, s, inp, now);
+                // The highest counter and the applied sequence never go down.
+                let hc = |s: &State| s.highest.as_ref().map(|h| h.counter).unwrap_or(0);
+                prop_assert!(hc(&next) >= hc(&before));
+                prop_assert!(next.applied_sequence >= before.applied_sequence);
+                // The committed and the running slot are never written.
+                for a in &actions {
+                    if let Action::Install { slot, .. } | Action::WipeSlot { slot } = a {
+                        prop_assert_ne!(Some(*slot), before.active, "{:?} after {:?}", a, op);
+                        prop_assert_ne!(Some(*slot), next.active, "{:?} after {:?}", a, op);
+                        prop_assert_ne!(Some(*slot), next.link_target(), "{:?} after {:?}", a, op);
+                    }
+                }
+                // Whatever the link should point to holds a complete install.
+                if let Some(t) = next.link_target() {
+                    prop_assert!(next.slot(t).is_some(), "link target {t} is empty in {:?}", next.phase.wire());
+                }
+                if let Phase::Idle = next.phase {
+                    ever_committed |= next.active.is_some();
+                    if ever_committed {
+                        prop_assert!(next.active.is_some(), "a device that had a version lost it");
+                    }
+                }
+                s = next;
+            }
+        }
+    }
+}

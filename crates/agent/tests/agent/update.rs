@@ -257,3 +257,69 @@ fn idle_rss() {
     }
     assert!(agent.is_running());
 }
+
+#[test]
+fn coordinator_rollback_swaps_back_to_the_standby_without_downloading() {
+    let dev = Device::new("coord-rollback", broker());
+    let obs = Observer::new(dev.broker_port, &dev.id);
+    let mut agent = Agent::start(&dev, &[]);
+    let v1 = version("1.0.0", &[]);
+    let (_, s1) = signed_file_release(dev.dir.path(), 1, &v1);
+    obs.publish_desired(&desired(&dev.id, 1, Some(s1.clone()), 0));
+    obs.wait_event("1.0.0 committed", PATIENCE, |e| {
+        e.sequence == 1 && matches!(e.kind, EventKind::Committed { .. })
+    });
+    // 2.0.0 authorises a rollback to 1.0.0.
+    let v2 = version("2.0.0", &[]);
+    let (mut r2, _) = signed_file_release(dev.dir.path(), 2, &v2);
+    r2.rollback_to = Some(fleet_proto::release::RollbackTo {
+        counter: 1,
+        version: "1.0.0".into(),
+    });
+    obs.publish_desired(&desired(
+        &dev.id,
+        2,
+        Some(SignedRelease::sign(&r2, &key())),
+        0,
+    ));
+    obs.wait_event("2.0.0 committed", PATIENCE, |e| {
+        e.sequence == 2 && matches!(e.kind, EventKind::Committed { .. })
+    });
+    dev.wait_serving("2.0.0");
+    // The coordinator republishes the previous signed release (it has no signing key).
+    obs.publish_desired(&desired(&dev.id, 3, Some(s1), 0));
+    obs.wait_event("1.0.0 committed again", PATIENCE, |e| {
+        e.sequence == 3 && matches!(e.kind, EventKind::Committed { .. })
+    });
+    dev.wait_serving("1.0.0");
+    let steps: Vec<String> = obs
+        .events()
+        .iter()
+        .filter(|e| e.sequence == 3)
+        .map(|e| kind_name(&e.kind))
+        .collect();
+    assert!(
+        !steps
+            .iter()
+            .any(|s| s.starts_with("Download") || s == "Installed"),
+        "{steps:?}"
+    );
+    assert!(
+        steps.contains(&"Swapped".to_string()) && steps.contains(&"TrialStarted".to_string()),
+        "{steps:?}"
+    );
+    let r = obs.wait_state("reported after the rollback", |r| {
+        r.applied_sequence == 3 && r.phase == UpdatePhase::Idle
+    });
+    assert_eq!(r.highest_counter, 2, "the counter went down");
+    assert_eq!(
+        r.standby.as_ref().map(|i| i.version.as_str()),
+        Some("2.0.0")
+    );
+    // An abrupt death is announced by the broker (last will, retained).
+    assert_eq!(obs.seen.lock().unwrap().online.last(), Some(&true));
+    agent.kill();
+    wait_until("the last will", PATIENCE, || {
+        (obs.seen.lock().unwrap().online.last() == Some(&false)).then_some(())
+    });
+}
