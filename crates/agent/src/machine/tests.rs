@@ -755,7 +755,10 @@ mod properties {
     //! (and the running) slot is never written, and no state leaves the device without a
     //! runnable slot once one was committed.
 
-    use proptest::prelude::*;
+    use proptest::prelude::{
+        Just, ProptestConfig, any, prop, prop_assert, prop_assert_ne, prop_oneof, proptest,
+    };
+    use proptest::strategy::Strategy as Gen;
 
     use super::*;
 
@@ -781,7 +784,7 @@ mod properties {
         Advance(u8),
     }
 
-    fn op() -> impl Strategy<Value = Op> {
+    fn op() -> impl Gen<Value = Op> {
         prop_oneof![
             (0u8..6, 0u32..2, any::<bool>()).prop_map(|(release, retry, none)| Op::Desired {
                 release,
