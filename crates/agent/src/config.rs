@@ -343,6 +343,9 @@ impl Config {
         if self.trial.attempts == 0 {
             return Err("trial.attempts must be at least 1".into());
         }
+        if self.mqtt.username.is_some() != self.mqtt.password.is_some() {
+            return Err("mqtt.username and mqtt.password go together: set both or neither".into());
+        }
         if self.mqtt.reconnect_min > self.mqtt.reconnect_max {
             return Err("mqtt.reconnect_min must not exceed mqtt.reconnect_max".into());
         }

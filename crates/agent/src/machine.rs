@@ -352,7 +352,6 @@ pub fn step(ctx: &Ctx, state: State, input: Input, now: UnixMillis) -> (State, V
             let (job, slot, previous) = (job.clone(), *slot, *previous);
             actions.push(emit(&job, EventKind::Swapped { to: slot }));
             start_trial(
-                ctx,
                 &mut s,
                 job,
                 slot,
@@ -390,7 +389,6 @@ fn begin_swap(s: &mut State, job: Job, slot: Slot, actions: &mut Vec<Action>) {
 
 #[allow(clippy::too_many_arguments)]
 fn start_trial(
-    ctx: &Ctx,
     s: &mut State,
     job: Job,
     slot: Slot,
@@ -399,7 +397,6 @@ fn start_trial(
     now: UnixMillis,
     actions: &mut Vec<Action>,
 ) {
-    let _ = ctx;
     let deadline = now.saturating_add(job.release.trial.deadline);
     actions.push(Action::StartApp { slot });
     actions.push(emit(
@@ -479,13 +476,12 @@ fn on_probe(
         }
         Phase::RollingBack {
             job,
-            from,
             to,
             reason,
             deadline,
+            ..
         } if job.sequence == sequence => {
-            let (job, from, to, reason, deadline) =
-                (job.clone(), *from, *to, reason.clone(), *deadline);
+            let (job, to, reason, deadline) = (job.clone(), *to, reason.clone(), *deadline);
             let expected = to
                 .and_then(|t| s.slot(t))
                 .map(|c| c.release.health.expected_version.clone());
@@ -495,13 +491,13 @@ fn on_probe(
                     if version == v && matches!(status, fleet_proto::device::AppStatus::Healthy | fleet_proto::device::AppStatus::Degraded)
             );
             if restored_ok {
-                finish_rollback(s, &job, from, to, reason, None, now, actions);
+                finish_rollback(s, &job, to, reason, None, now, actions);
             } else if now >= deadline {
                 let detail = format!(
                     "no healthy answer from the previous version before the deadline (last: {:?})",
                     sample.health
                 );
-                finish_rollback(s, &job, from, to, reason, Some(detail), now, actions);
+                finish_rollback(s, &job, to, reason, Some(detail), now, actions);
             }
         }
         _ => {}
@@ -535,7 +531,7 @@ fn roll_back(
     actions.push(Action::Report);
     if to.is_none() {
         // Nothing to restore: the rollback is complete once the app is stopped.
-        finish_rollback(s, &job, from, None, reason, None, now, actions);
+        finish_rollback(s, &job, None, reason, None, now, actions);
     }
 }
 
@@ -543,7 +539,6 @@ fn roll_back(
 fn finish_rollback(
     s: &mut State,
     job: &Job,
-    _from: Slot,
     to: Option<Slot>,
     reason: RollbackReason,
     restore_problem: Option<String>,
@@ -844,7 +839,7 @@ fn resolve(
                 if link != Some(slot) {
                     actions.push(Action::Swap { to: Some(slot) });
                 }
-                start_trial(ctx, s, job, slot, previous, attempts_left - 1, now, actions);
+                start_trial(s, job, slot, previous, attempts_left - 1, now, actions);
             } else {
                 roll_back(
                     ctx,
