@@ -329,6 +329,36 @@ pub fn load(
 }
 
 impl Config {
+    /// A configuration with every optional key at its default: what fleet-sim builds in code
+    /// (then adjusts `mqtt`, `app.port` and the timings).
+    pub fn for_device(
+        id: DeviceId,
+        device_type: impl Into<String>,
+        keys: Vec<VerifyingKey>,
+        root: PathBuf,
+        state: PathBuf,
+    ) -> Config {
+        Config {
+            device: DeviceConfig {
+                id,
+                device_type: device_type.into(),
+                region: String::new(),
+                tags: Vec::new(),
+            },
+            mqtt: MqttConfig::default(),
+            trust: TrustConfig {
+                keys,
+                clock_skew: default_skew(),
+            },
+            paths: PathsConfig { root, state },
+            app: AppConfig::default(),
+            fetch: FetchConfig::default(),
+            trial: TrialConfig::default(),
+            reports: ReportsConfig::default(),
+            log_level: default_log_level(),
+        }
+    }
+
     /// Checks relations serde cannot express; each problem names its key.
     pub fn check(&self) -> Result<(), String> {
         if self.trust.keys.is_empty() {
@@ -378,6 +408,23 @@ mod tests {
         let c = load(&path, []).unwrap();
         assert_eq!(c.device.id.as_str(), "cam-001");
         assert_eq!(c.reports.heartbeat_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn built_in_code_matches_the_file_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &minimal());
+        let from_file = load(&path, []).unwrap();
+        let key = parse_key(KEY).unwrap();
+        let built = Config::for_device(
+            DeviceId::new("cam-1").unwrap(),
+            "rpi4",
+            vec![key],
+            "/tmp/r".into(),
+            "/tmp/s".into(),
+        );
+        assert_eq!(format!("{built:?}"), format!("{from_file:?}"));
+        built.check().unwrap();
     }
 
     #[test]
