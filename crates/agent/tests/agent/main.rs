@@ -5,6 +5,7 @@
 mod cli;
 mod crash;
 mod fetch;
+mod library;
 mod link;
 mod refusals;
 mod support;
