@@ -158,6 +158,10 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<(), InstallError> {
                 why: "a parent directory is a link",
             });
         }
+        // A later entry replaces an earlier link instead of writing through it.
+        if fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
+            fs::remove_file(&target)?;
+        }
         match kind {
             tar::EntryType::Directory => fs::create_dir_all(&target)?,
             tar::EntryType::Regular | tar::EntryType::Continuous => {
@@ -335,6 +339,17 @@ mod tests {
         });
         unpack(&ok, &dest).unwrap();
         assert_eq!(fs::read(dest.join("bin/app")).unwrap(), b"#!/bin/sh\n");
+        // A file entry over an earlier link replaces the link, not its target.
+        let over = archive(dir.path(), |b| {
+            file(b, "bin/app", b"original");
+            link(b, "bin/alias", "app");
+            file(b, "bin/alias", b"replaced");
+        });
+        let dest2 = dir.path().join("slot2");
+        fs::create_dir(&dest2).unwrap();
+        unpack(&over, &dest2).unwrap();
+        assert_eq!(fs::read(dest2.join("bin/app")).unwrap(), b"original");
+        assert_eq!(fs::read(dest2.join("bin/alias")).unwrap(), b"replaced");
         assert_eq!(
             fs::metadata(dest.join("bin/app"))
                 .unwrap()
