@@ -323,3 +323,23 @@ fn coordinator_rollback_swaps_back_to_the_standby_without_downloading() {
         (obs.seen.lock().unwrap().online.last() == Some(&false)).then_some(())
     });
 }
+
+#[test]
+fn slow_request_probe_rolls_back_on_the_latency_bound() {
+    // The functional probe as a request; 2.0.0 answers right but too slowly.
+    let request_probe = |r: &mut fleet_proto::Release| {
+        r.probe = Some(fleet_proto::release::Probe {
+            check: fleet_proto::release::ProbeCheck::Request(
+                "http://127.0.0.1:{port}/infer?input=hello".into(),
+            ),
+            expected_sha256: fleet_proto::hex::Sha256::of(b"label=dog score=0.518\n"),
+            max_latency: Duration::from_millis(300),
+        });
+    };
+    rolls_back(
+        "slow-probe",
+        &["--latency-ms", "600"],
+        request_probe,
+        |r| matches!(r, RollbackReason::ProbeFailed { detail } if detail.contains("bound 300 ms")),
+    );
+}
