@@ -300,7 +300,7 @@ async fn a_bad_canary_halts_and_rolls_back() {
         };
         if got_two() {
             canaries += 1;
-            for _ in 0..100 {
+            for _ in 0..600 {
                 let last = d
                     .log
                     .lock()
@@ -419,7 +419,7 @@ async fn malformed_frames_are_counted_and_dropped() {
         .await;
     let m = running.metrics.clone();
     let mut text = String::new();
-    for _ in 0..100 {
+    for _ in 0..600 {
         text = m.render();
         if text.contains("fleet_decode_errors_total{kind=\"heartbeat\"} 2")
             && text.contains("fleet_decode_errors_total{kind=\"state\"} 1")
