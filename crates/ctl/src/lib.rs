@@ -5,11 +5,13 @@
 //! - [`link`]: connect, send one request and wait for its reply; follow a rollout's state.
 //! - [`settings`]: connection settings from flags, `FLEET_…` variables and the config file.
 //! - [`watch`]: the `rollout watch` loop and progress view.
+//! - [`pack`]: a directory → a reproducible tar.gz and its manifest stanza.
 //! - [`render`]: human output (tables, checklist, progress bars).
 //! - [`exit`]: documented exit statuses and the failure type that carries them.
 
 pub mod exit;
 pub mod link;
+pub mod pack;
 pub mod render;
 pub mod settings;
 pub mod watch;

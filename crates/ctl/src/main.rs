@@ -5,12 +5,11 @@
 //!
 //! # Layout
 //! - `cli`: the commands and flags (clap).
-//! - `keys`, `sign`, `pack`: key pairs, manifest signing and verification, artifact packing.
+//! - `keys`, `sign`: key pairs, manifest signing and verification.
 //! - the library (`fleetctl::…`): the MQTT link, settings, watch, rendering, exit statuses.
 
 mod cli;
 mod keys;
-mod pack;
 mod sign;
 
 use std::io::IsTerminal as _;
@@ -26,7 +25,7 @@ use serde::Serialize;
 use cli::{ArtifactCmd, Cli, Cmd, DeviceCmd, ManifestCmd, RolloutCmd};
 use fleetctl::exit::{Exit, Failure};
 use fleetctl::link::{Answer, Link};
-use fleetctl::{refused, render, settings, watch};
+use fleetctl::{pack, refused, render, settings, watch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

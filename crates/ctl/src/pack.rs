@@ -8,6 +8,7 @@ use anyhow::{Context as _, bail};
 use fleet_proto::hex::Sha256;
 use fleet_proto::release::Arch;
 
+#[derive(Debug)]
 pub struct Packed {
     pub path: PathBuf,
     pub sha256: Sha256,
