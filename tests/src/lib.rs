@@ -6,6 +6,10 @@
 //! namespace or veth behind.
 //!
 //! # Layout
+//! - [`agent`]: the real `fleet-agent` binary as a device ([`Agent`]): generated config, own
+//!   slots, state and app port, killed on drop (its app with it), restartable on the same disk.
+//! - [`artifact`]: the real `fleet-demo-app` packed with `fleetctl artifact pack` ([`DemoArtifact`]),
+//!   served by the coordinator's `/artifacts/{sha256}`, and [`ReleaseSpec::demo_app`].
 //! - [`process`]: the [`Child`] guard (own process group, logs on disk, `wait_for_line`), workspace
 //!   binaries, [`free_port`], [`wait_until`] and [`TestDir`].
 //! - [`prereq`]: [`Outcome`] and the [`require!`] macro: a missing prerequisite is a visible skip,
@@ -19,6 +23,8 @@
 //! - [`testbed`]: systemd devices booted with `unshare` + `chroot` on an overlay of a cached
 //!   debootstrap root, each with its own PID 1, disk, hostname and network namespace on a lab bridge.
 
+pub mod agent;
+pub mod artifact;
 pub mod fleet;
 pub mod mosquitto;
 pub mod mqtt;
@@ -26,6 +32,8 @@ pub mod prereq;
 pub mod process;
 pub mod testbed;
 
+pub use agent::{Agent, AppHealth, DeviceSpec, MqttEndpoint};
+pub use artifact::DemoArtifact;
 pub use fleet::{Coordinator, Ctl, CtlRun, FAST, ReleaseSpec, Releases, http_get};
 pub use mosquitto::{Mosquitto, MqttUser, Role};
 pub use mqtt::MqttProbe;
