@@ -184,12 +184,13 @@ pub fn plan(eligible: &[&DeviceInfo], canary_percent: f64, waves: &[u8]) -> Wave
     }
     canary.sort();
 
-    let mut rest: Vec<&DeviceInfo> = eligible
-        .iter()
-        .copied()
-        .filter(|d| !chosen.contains(&d.id))
-        .collect();
-    rest.sort_by_key(|d| (spread_key(&d.id), d.id.clone()));
+    let rest = stratified(
+        eligible
+            .iter()
+            .copied()
+            .filter(|d| !chosen.contains(&d.id))
+            .collect(),
+    );
     let total = rest.len();
     let mut planned = Vec::new();
     let mut start = 0usize;
@@ -207,6 +208,47 @@ pub fn plan(eligible: &[&DeviceInfo], canary_percent: f64, waves: &[u8]) -> Wave
         waves: planned,
         uncovered,
     }
+}
+
+/// Orders devices so that every prefix of the list holds each (hardware type, region) stratum
+/// in proportion to its size: cutting it at the wave percentages gives each wave a
+/// representative mix, instead of one wave of rpi4s and the next of gateways.
+fn stratified(mut devices: Vec<&DeviceInfo>) -> Vec<&DeviceInfo> {
+    devices.sort_by_key(|d| {
+        (
+            d.device_type(),
+            d.region(),
+            mix(spread_key(&d.id)),
+            d.id.clone(),
+        )
+    });
+    let mut sizes: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for d in &devices {
+        *sizes.entry((d.device_type(), d.region())).or_default() += 1;
+    }
+    let mut seen: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    let mut keyed: Vec<(u64, u64, &DeviceInfo)> = devices
+        .into_iter()
+        .map(|d| {
+            let stratum = (d.device_type(), d.region());
+            let index = seen.entry(stratum).or_default();
+            // The device's position within its stratum, as a fraction in fixed point.
+            let position = ((2 * *index + 1) as u64 * (1 << 32)) / (2 * sizes[&stratum]) as u64;
+            *index += 1;
+            (position, mix(spread_key(&d.id)), d)
+        })
+        .collect();
+    keyed.sort_by_key(|(position, hash, d)| (*position, *hash, d.id.clone()));
+    keyed.into_iter().map(|(_, _, d)| d).collect()
+}
+
+/// splitmix64's finaliser: FNV-1a alone leaves ids with a common prefix close together.
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 /// The `retry` a desired state for this release should carry: one more than last time when the
@@ -238,6 +280,43 @@ mod tests {
             disk_total_bytes: 1 << 34,
         });
         d
+    }
+
+    #[test]
+    fn every_wave_holds_each_type_and_region_in_proportion() {
+        // Ids that share prefixes per type: a plain hash order put whole types in one wave.
+        let mut fleet = Vec::new();
+        for (ty, prefix) in [
+            ("jetson-orin", "orin"),
+            ("rpi4", "rpi4"),
+            ("x86-gateway", "gw"),
+        ] {
+            for n in 1..=20 {
+                let region = if n % 2 == 0 { "eu-west" } else { "us-east" };
+                fleet.push(dev(&format!("{prefix}-{n:02}"), ty, region, &[], true));
+            }
+        }
+        let refs: Vec<&DeviceInfo> = fleet.iter().collect();
+        let p = plan(&refs, 5.0, &[25, 50, 100]);
+        for (i, wave) in p.waves.iter().enumerate() {
+            let members: Vec<&DeviceInfo> = fleet.iter().filter(|d| wave.contains(&d.id)).collect();
+            for ty in ["jetson-orin", "rpi4", "x86-gateway"] {
+                let n = members.iter().filter(|d| d.device_type() == ty).count() as f64;
+                let share = n / members.len() as f64;
+                assert!(
+                    (share - 1.0 / 3.0).abs() < 0.15,
+                    "wave {} has {n} {ty} of {}",
+                    i + 1,
+                    members.len()
+                );
+            }
+            let eu = members.iter().filter(|d| d.region() == "eu-west").count() as f64;
+            assert!(
+                (eu / members.len() as f64 - 0.5).abs() < 0.2,
+                "wave {} region mix",
+                i + 1
+            );
+        }
     }
 
     #[test]
