@@ -178,6 +178,7 @@ impl Driver {
                     backoff_min: cfg.app.restart_backoff_min,
                     backoff_max: cfg.app.restart_backoff_max,
                     backoff_reset: cfg.app.restart_reset,
+                    log_file: cfg.app.log_file.clone(),
                 }))
             }
             RuntimeKind::Systemd => AnyRuntime::Systemd(runtime::Systemd::new(

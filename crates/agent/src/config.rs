@@ -144,6 +144,8 @@ pub struct AppConfig {
     /// Crash-loop window used outside a trial (heartbeats); a release's thresholds win during one.
     #[serde(deserialize_with = "duration")]
     pub crash_loop_window: Duration,
+    /// Process runtime: append the app's output to this file instead of the agent's stderr.
+    pub log_file: Option<PathBuf>,
 }
 
 impl Default for AppConfig {
@@ -157,6 +159,7 @@ impl Default for AppConfig {
             restart_backoff_max: Duration::from_secs(30),
             restart_reset: Duration::from_secs(60),
             crash_loop_window: Duration::from_secs(300),
+            log_file: None,
         }
     }
 }

@@ -93,6 +93,9 @@ pub struct ProcessOptions {
     pub backoff_max: Duration,
     /// A run this long resets the backoff.
     pub backoff_reset: Duration,
+    /// Append the app's stdout and stderr here; `None`: stdout is discarded and stderr goes
+    /// where the agent's goes (the journal, under systemd).
+    pub log_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default)]
@@ -131,14 +134,27 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn spawn_child(spec: &AppSpec) -> std::io::Result<tokio::process::Child> {
+fn spawn_child(
+    spec: &AppSpec,
+    log_file: Option<&std::path::Path>,
+) -> std::io::Result<tokio::process::Child> {
+    let (stdout, stderr) = match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            (Stdio::from(file.try_clone()?), Stdio::from(file))
+        }
+        None => (Stdio::null(), Stdio::inherit()),
+    };
     let mut cmd = tokio::process::Command::new(&spec.program);
     cmd.args(&spec.args)
         .current_dir(&spec.dir)
         .envs(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .stdout(stdout)
+        .stderr(stderr)
         .process_group(0)
         .kill_on_drop(true);
     // SAFETY: only async-signal-safe calls (prctl, getppid) between fork and exec.
@@ -179,7 +195,7 @@ impl Runtime for Process {
             *s = Shared::default();
         }
         // Spawn the first child here so a missing program is reported to the caller.
-        let first = match spawn_child(&spec) {
+        let first = match spawn_child(&spec, self.opts.log_file.as_deref()) {
             Ok(c) => c,
             Err(source) => {
                 let mut s = lock(&self.shared);
@@ -266,7 +282,7 @@ async fn supervise(
                     _ = stop.changed() => return,
                 }
                 backoff = (backoff * 2).min(opts.backoff_max);
-                match spawn_child(&spec) {
+                match spawn_child(&spec, opts.log_file.as_deref()) {
                     Ok(next) => {
                         {
                             let mut s = lock(&shared);
@@ -292,7 +308,7 @@ async fn supervise(
                                 _ = tokio::time::sleep(backoff) => {}
                                 _ = stop.changed() => return,
                             }
-                            if let Ok(next) = spawn_child(&spec) {
+                            if let Ok(next) = spawn_child(&spec, opts.log_file.as_deref()) {
                                 child = Some(next);
                                 break;
                             }
@@ -524,6 +540,48 @@ impl Runtime for Systemd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_process_runtime_appends_app_output_to_the_log_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("app.log");
+        std::fs::write(&log, "earlier run\n").unwrap();
+        let mut runtime = Process::new(ProcessOptions {
+            stop_grace: Duration::from_secs(1),
+            backoff_min: Duration::from_secs(60),
+            backoff_max: Duration::from_secs(60),
+            backoff_reset: Duration::from_secs(60),
+            log_file: Some(log.clone()),
+        });
+        let spec = AppSpec {
+            program: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                "echo to-stdout; echo to-stderr >&2; sleep 30".into(),
+            ],
+            env: Vec::new(),
+            dir: dir.path().to_owned(),
+        };
+        runtime.start(spec).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let text = loop {
+            let text = std::fs::read_to_string(&log).unwrap();
+            if text.contains("to-stderr") && text.contains("to-stdout") {
+                break text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the app's output never reached {}: {text:?}",
+                log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            text.starts_with("earlier run\n"),
+            "appended, not truncated: {text:?}"
+        );
+        runtime.stop().await;
+    }
 
     #[test]
     fn parses_systemctl_show() {
