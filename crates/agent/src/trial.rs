@@ -56,6 +56,10 @@ pub struct Progress {
     pub failures: u32,
     /// Whether the health endpoint ever answered during this trial.
     pub answered: bool,
+    /// Exits of the app seen by the previous sample: one more since then means the app went
+    /// down between two samples, which ends a streak of good ones.
+    #[serde(default)]
+    pub exits: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -85,6 +89,13 @@ pub fn judge(
             window: rules.crash_loop_window,
         });
     }
+    // Good probes must be consecutive for one run of the app: healthy answers on both sides of
+    // an exit (a supervisor that restarts quickly, such as systemd with a short RestartSec) are
+    // two short runs, not a proof. The new run may start a new streak.
+    if sample.exits > progress.exits {
+        progress.good = 0;
+    }
+    progress.exits = sample.exits;
     let mut bad: Option<RollbackReason> = None;
     let mut good = false;
     match &sample.health {
@@ -174,7 +185,12 @@ mod tests {
             good,
             failures,
             answered,
+            exits: 0,
         }
+    }
+
+    fn exited(progress: Progress, exits: u32) -> Progress {
+        Progress { exits, ..progress }
     }
 
     const NOW: UnixMillis = UnixMillis(1_000_000);
@@ -234,7 +250,30 @@ mod tests {
                 ..ok.clone()
             },
             LATER,
-            Verdict::Continue(p(0, 0, true)),
+            Verdict::Continue(exited(p(0, 0, true), 1)),
+        );
+        // Restarted between two healthy samples (systemd restarts within the probe interval):
+        // the streak starts again with the new run instead of reaching a commit.
+        check(
+            p(1, 0, true),
+            Sample {
+                exits: 1,
+                restarts_in_window: 1,
+                ..ok.clone()
+            },
+            LATER,
+            Verdict::Continue(exited(p(1, 0, true), 1)),
+        );
+        // No exit since the previous sample: the streak goes on.
+        check(
+            exited(p(1, 0, true), 1),
+            Sample {
+                exits: 1,
+                restarts_in_window: 1,
+                ..ok.clone()
+            },
+            LATER,
+            Verdict::Commit,
         );
         check(
             p(0, 0, false),
