@@ -733,6 +733,7 @@ impl Driver {
     }
 
     async fn heartbeat(&mut self) {
+        fault::point("heartbeat");
         // Outside a trial, the heartbeat takes its own look at the app.
         let probing = matches!(
             self.state.phase,

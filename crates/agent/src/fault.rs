@@ -1,11 +1,15 @@
-//! Fault points: named places in the update flow where a test can make the agent die.
+//! Fault points: named places in the agent where a test can make it die or hang.
 //!
 //! Compiled only with the `fault-points` feature. `FLEET_AGENT_FAULT=NAME` makes the agent
 //! SIGKILL itself the first time it reaches point `NAME` (`NAME@N`: the N-th time), so the
-//! crash-matrix test can kill it at every point and check what a restart makes of it. Without
-//! the feature [`point`] is an empty inline function.
+//! crash-matrix test can kill it at every point and check what a restart makes of it.
+//! `FLEET_AGENT_FAULT=hang:NAME[@N]` blocks the thread that reached the point forever instead:
+//! at a point on the main loop (the swap, `heartbeat`) the whole agent stops, watchdog pings
+//! included, which is how the systemd test bed holds an agent in the middle of a swap until it
+//! cuts the power, or lets systemd's watchdog find a hung agent. Without the feature [`point`]
+//! is an empty inline function.
 
-/// Every point, in update-flow order. Tests iterate over this list.
+/// Every point in the update flow, in order. The crash matrix iterates over this list.
 pub const POINTS: &[&str] = &[
     "journal-before-rename",
     "download-midway",
@@ -22,42 +26,93 @@ pub const POINTS: &[&str] = &[
     "outbox-after-append",
 ];
 
+/// Points outside the update flow: `heartbeat` is reached on the main loop at every heartbeat
+/// tick, with or without an update (a hang there is a hung agent).
+pub const IDLE_POINTS: &[&str] = &["heartbeat"];
+
 #[cfg(feature = "fault-points")]
 mod imp {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    static TARGET: OnceLock<Option<(String, u32)>> = OnceLock::new();
+    #[derive(Debug, PartialEq)]
+    pub(super) struct Target {
+        pub name: String,
+        pub nth: u32,
+        pub hang: bool,
+    }
+
+    pub(super) fn parse(spec: &str) -> Target {
+        let (hang, rest) = match spec.strip_prefix("hang:") {
+            Some(rest) => (true, rest),
+            None => (false, spec),
+        };
+        let (name, nth) = match rest.split_once('@') {
+            Some((name, n)) => (name, n.parse().unwrap_or(1)),
+            None => (rest, 1),
+        };
+        Target {
+            name: name.to_owned(),
+            nth,
+            hang,
+        }
+    }
+
+    static TARGET: OnceLock<Option<Target>> = OnceLock::new();
     static HITS: AtomicU32 = AtomicU32::new(0);
 
-    fn target() -> &'static Option<(String, u32)> {
-        TARGET.get_or_init(|| {
-            let spec = std::env::var("FLEET_AGENT_FAULT").ok()?;
-            match spec.split_once('@') {
-                Some((name, n)) => Some((name.to_owned(), n.parse().unwrap_or(1))),
-                None => Some((spec, 1)),
-            }
-        })
+    fn target() -> &'static Option<Target> {
+        TARGET.get_or_init(|| std::env::var("FLEET_AGENT_FAULT").ok().map(|s| parse(&s)))
     }
 
     pub fn point(name: &str) {
-        if let Some((want, nth)) = target()
-            && want == name
-            && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth
-        {
-            eprintln!("fleet-agent: fault point {name}: SIGKILL");
-            // SAFETY: raise(3) with a valid signal number.
-            unsafe {
-                libc::raise(libc::SIGKILL);
+        let Some(target) = target() else { return };
+        if target.name != name || HITS.fetch_add(1, Ordering::SeqCst) + 1 != target.nth {
+            return;
+        }
+        if target.hang {
+            eprintln!("fleet-agent: fault point {name}: hanging");
+            // Parked for good: only a signal ends this (systemd's watchdog, a power cut).
+            loop {
+                std::thread::park();
             }
+        }
+        eprintln!("fleet-agent: fault point {name}: SIGKILL");
+        // SAFETY: raise(3) with a valid signal number.
+        unsafe {
+            libc::raise(libc::SIGKILL);
         }
     }
 }
 
-/// Dies here if the test asked for it (feature `fault-points`); otherwise does nothing.
+/// Dies or hangs here if the test asked for it (feature `fault-points`); otherwise does nothing.
 #[inline(always)]
 pub fn point(name: &str) {
-    debug_assert!(POINTS.contains(&name), "unknown fault point {name}");
+    debug_assert!(
+        POINTS.contains(&name) || IDLE_POINTS.contains(&name),
+        "unknown fault point {name}"
+    );
     #[cfg(feature = "fault-points")]
     imp::point(name);
+}
+
+#[cfg(all(test, feature = "fault-points"))]
+mod tests {
+    use super::imp::{Target, parse};
+
+    #[test]
+    fn parses_the_spec() {
+        let t = |name: &str, nth, hang| Target {
+            name: name.into(),
+            nth,
+            hang,
+        };
+        assert_eq!(parse("swap-after-rename"), t("swap-after-rename", 1, false));
+        assert_eq!(parse("trial-probing@2"), t("trial-probing", 2, false));
+        assert_eq!(parse("hang:heartbeat@3"), t("heartbeat", 3, true));
+        assert_eq!(
+            parse("hang:swap-before-rename"),
+            t("swap-before-rename", 1, true)
+        );
+    }
 }
