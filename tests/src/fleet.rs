@@ -3,7 +3,7 @@
 //! sign`, `artifact pack`).
 
 use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 
 use crate::process::{Child, TestDir, binary, free_port, wait_for};
+use crate::testbed::Lab;
 
 /// A running `fleet-coordinator` binary with its embedded broker (or pointed at an external one).
 #[derive(Debug)]
@@ -18,6 +19,10 @@ pub struct Coordinator {
     pub child: Child,
     pub mqtt_port: u16,
     pub http_port: u16,
+    /// The address its listeners are bound to: 127.0.0.1, or the lab's gateway.
+    pub host: IpAddr,
+    /// The test-bed lab whose namespace it runs in ([`Coordinator::start_in_lab`]).
+    lab: Option<Lab>,
     dir: PathBuf,
     env: Vec<(String, String)>,
 }
@@ -42,6 +47,29 @@ impl Coordinator {
         Self::spawn(dir, mqtt_port, release_key, settings, Vec::new())
     }
 
+    /// Starts the coordinator with its embedded broker inside `lab`'s network namespace, on the
+    /// gateway address ([`Lab::GATEWAY`], MQTT port [`Coordinator::LAB_MQTT_PORT`], HTTP
+    /// [`Coordinator::LAB_HTTP_PORT`]): the test bed's devices reach it over the lab bridge and
+    /// no traffic leaves namespaces the test made. Reach it from the test with
+    /// [`Ctl::in_lab`] or [`Lab::in_netns`].
+    pub fn start_in_lab(
+        dir: &Path,
+        release_key: &str,
+        settings: &[(&str, &str)],
+        lab: &Lab,
+    ) -> Coordinator {
+        Self::spawn_at(
+            dir,
+            Self::LAB_MQTT_PORT,
+            Self::LAB_HTTP_PORT,
+            IpAddr::V4(Lab::GATEWAY),
+            Some(lab.clone()),
+            release_key,
+            settings,
+            Vec::new(),
+        )
+    }
+
     /// Starts the coordinator against an external broker (e.g. mosquitto) as user `user`.
     pub fn start_external(
         dir: &Path,
@@ -61,6 +89,11 @@ impl Coordinator {
         Self::spawn(dir, broker_port, release_key, settings, extra)
     }
 
+    /// The embedded broker's port in a lab (the namespace is the test's own: no clashes).
+    pub const LAB_MQTT_PORT: u16 = 1883;
+    /// The HTTP port (artifacts, metrics) in a lab.
+    pub const LAB_HTTP_PORT: u16 = 8080;
+
     fn spawn(
         dir: &Path,
         mqtt_port: u16,
@@ -69,9 +102,33 @@ impl Coordinator {
         extra: Vec<(String, String)>,
     ) -> Coordinator {
         let http_port = free_port();
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        Self::spawn_at(
+            dir,
+            mqtt_port,
+            http_port,
+            localhost,
+            None,
+            release_key,
+            settings,
+            extra,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_at(
+        dir: &Path,
+        mqtt_port: u16,
+        http_port: u16,
+        host: IpAddr,
+        lab: Option<Lab>,
+        release_key: &str,
+        settings: &[(&str, &str)],
+        extra: Vec<(String, String)>,
+    ) -> Coordinator {
         let mut env: Vec<(String, String)> = vec![
-            ("BROKER__LISTEN".into(), format!("127.0.0.1:{mqtt_port}")),
-            ("HTTP__LISTEN".into(), format!("127.0.0.1:{http_port}")),
+            ("BROKER__LISTEN".into(), format!("{host}:{mqtt_port}")),
+            ("HTTP__LISTEN".into(), format!("{host}:{http_port}")),
             (
                 "DATABASE__PATH".into(),
                 dir.join("registry.db").display().to_string(),
@@ -89,9 +146,11 @@ impl Coordinator {
         );
         env.extend(extra);
         let mut c = Coordinator {
-            child: Self::launch(dir, &env),
+            child: Self::launch(dir, &env, lab.as_ref()),
             mqtt_port,
             http_port,
+            host,
+            lab,
             dir: dir.to_owned(),
             env,
         };
@@ -99,8 +158,11 @@ impl Coordinator {
         c
     }
 
-    fn launch(dir: &Path, env: &[(String, String)]) -> Child {
-        let mut cmd = Command::new(binary("fleet-coordinator"));
+    fn launch(dir: &Path, env: &[(String, String)], lab: Option<&Lab>) -> Child {
+        let mut cmd = match lab {
+            Some(lab) => lab.command(binary("fleet-coordinator")),
+            None => Command::new(binary("fleet-coordinator")),
+        };
         cmd.current_dir(dir)
             .env("FLEET_LOG", "info,fleet_coordinator=debug");
         for (k, v) in env {
@@ -110,23 +172,31 @@ impl Coordinator {
     }
 
     fn wait_ready(&mut self) {
-        let port = self.http_port;
         wait_for(
             Duration::from_secs(30),
             "the coordinator's /metrics",
-            || http_get(port, "/metrics").filter(|(code, _)| *code == 200),
+            || self.get("/metrics").filter(|(code, _)| *code == 200),
         );
     }
 
     /// kill -9, then start again on the same ports and database.
     pub fn kill_and_restart(&mut self) {
         self.child.kill();
-        self.child = Self::launch(&self.dir, &self.env);
+        self.child = Self::launch(&self.dir, &self.env, self.lab.as_ref());
         self.wait_ready();
     }
 
+    /// GET `path` from the coordinator's HTTP listener (from inside its lab if it runs in one).
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        let addr = SocketAddr::new(self.host, self.http_port);
+        match &self.lab {
+            Some(lab) => lab.in_netns(|| http_get_at(addr, path)),
+            None => http_get_at(addr, path),
+        }
+    }
+
     pub fn metrics(&self) -> String {
-        http_get(self.http_port, "/metrics")
+        self.get("/metrics")
             .map(|(_, body)| body)
             .unwrap_or_default()
     }
@@ -140,17 +210,33 @@ impl Coordinator {
     }
 
     pub fn broker_url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.mqtt_port)
+        format!("mqtt://{}:{}", self.host, self.mqtt_port)
+    }
+
+    /// The URL devices download an artifact from: `http://HOST:PORT/artifacts/SHA256`.
+    pub fn artifact_url(&self, sha256: &str) -> String {
+        format!("http://{}:{}/artifacts/{sha256}", self.host, self.http_port)
+    }
+
+    /// Where the coordinator serves artifacts from (`http.artifacts_dir`).
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.dir.join("artifacts")
     }
 }
 
 /// A minimal HTTP GET on 127.0.0.1: `(status, body)`, or `None` when nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    http_get_at(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port), path)
+}
+
+/// A minimal HTTP GET on `addr`: `(status, body)`, or `None` when nothing answers.
+pub fn http_get_at(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        addr.ip()
     )
     .ok()?;
     let mut raw = Vec::new();
@@ -209,6 +295,8 @@ pub struct Ctl {
     pub broker: String,
     pub operator: String,
     pub extra_env: Vec<(String, String)>,
+    /// The network namespace fleetctl runs in ([`Ctl::in_lab`]); the host's when `None`.
+    netns: Option<String>,
 }
 
 impl Ctl {
@@ -218,7 +306,15 @@ impl Ctl {
             broker: broker.to_owned(),
             operator: operator.to_owned(),
             extra_env: Vec::new(),
+            netns: None,
         }
+    }
+
+    /// Runs fleetctl inside `lab`'s network namespace (`ip netns exec`), where a coordinator
+    /// started with [`Coordinator::start_in_lab`] listens.
+    pub fn in_lab(mut self, lab: &Lab) -> Ctl {
+        self.netns = Some(lab.name().to_owned());
+        self
     }
 
     pub fn run(&self, args: &[&str]) -> CtlRun {
@@ -226,7 +322,14 @@ impl Ctl {
     }
 
     pub fn run_with_timeout(&self, args: &[&str], limit: Duration) -> CtlRun {
-        let mut cmd = Command::new(binary("fleetctl"));
+        let mut cmd = match &self.netns {
+            Some(netns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns]).arg(binary("fleetctl"));
+                cmd
+            }
+            None => Command::new(binary("fleetctl")),
+        };
         cmd.args(args)
             .current_dir(&self.dir)
             .env("XDG_CONFIG_HOME", &self.dir)

@@ -34,7 +34,7 @@ pub mod testbed;
 
 pub use agent::{Agent, AppHealth, DeviceSpec, MqttEndpoint};
 pub use artifact::DemoArtifact;
-pub use fleet::{Coordinator, Ctl, CtlRun, FAST, ReleaseSpec, Releases, http_get};
+pub use fleet::{Coordinator, Ctl, CtlRun, FAST, ReleaseSpec, Releases, http_get, http_get_at};
 pub use mosquitto::{Mosquitto, MqttUser, Role};
 pub use mqtt::MqttProbe;
 pub use prereq::{Outcome, Skip};
