@@ -784,8 +784,14 @@ impl Rollout {
             }
             _ => {}
         }
-        // Unreachable: the health endpoint does not answer on a device that installed.
-        if matches!(state, DevState::Deployed) || (state == DevState::Sent && runs_release) {
+        // Unreachable: the health endpoint does not answer on a device that committed.
+        // Design: a device still in its trial is judged by its agent's watchdog, which reports
+        // `RolledBack` (the trial_failed trigger) or `Committed` within the release's trial
+        // deadline; silence and the install timeout cover an agent that cannot report. During
+        // a trial the app is legitimately not answering yet (a slow start) or down between a
+        // crash and its restart: counting that here fired the wave's trigger before the
+        // watchdog's verdict, and could halt a good release that takes a while to start.
+        if state == DevState::Deployed {
             let flag = s.unreachable();
             if flag != unreachable_flag {
                 self.set_unreachable(id, flag);

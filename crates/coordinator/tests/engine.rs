@@ -10,6 +10,7 @@ use fleet_coordinator::gate::Trigger;
 use fleet_coordinator::model::DeviceInfo;
 use fleet_coordinator::testkit::{self, Behaviour, Knobs, T0, VirtualFleet};
 use fleet_proto::DeviceId;
+use fleet_proto::device::AppStatus;
 use fleet_proto::rollout::{FailurePattern, Phase, RolloutStatus};
 
 fn settings() -> Settings {
@@ -513,4 +514,26 @@ fn a_worsening_trend_asks_the_wave_for_fast_reports_first() {
         "{fast_at:?} {fired_at:?}"
     );
     assert!(f.rollout.waves[0].watching);
+}
+
+#[test]
+fn an_app_not_answering_during_its_trial_is_left_to_the_watchdog() {
+    let (mut f, _) = setup(40, Knobs::default(), &[]);
+    f.auto_approve = true;
+    // Right after the canary was sent: every canary device is in its trial.
+    assert!(f.run_until(Duration::from_secs(60), |r| r.waves[0].sent > 0));
+    for d in wave_of(&f.rollout, 0) {
+        // A slow start (or the gap between a crash and the restart): the agent runs 2.0 and
+        // its health endpoint does not answer yet. Its watchdog decides; the wave does not.
+        let mut sample = testkit::healthy("2.0", 0.0);
+        sample.status = AppStatus::Unreachable;
+        f.step(Event::Heartbeat { device: d, sample });
+    }
+    assert!(fired(&f).is_empty(), "fired {:?}", fired(&f));
+    assert!(
+        f.run_until(Duration::from_secs(6 * 3600), |r| r.status
+            == RolloutStatus::Completed),
+        "{}",
+        f.rollout.last_action
+    );
 }
