@@ -1371,11 +1371,16 @@ impl Rollout {
         targets.len()
     }
 
-    /// Classifies the failure pattern of the halted wave (or of the whole rollout).
+    /// Classifies the failure pattern of a halt in `wave` (with the waves before it as
+    /// evidence), or of the whole rollout.
     fn classify(&mut self, wave: Option<usize>) {
         let r = self.reference();
         let limit = r.error_rate + self.release.thresholds.error_rate_pts / 100.0;
-        let in_scope = |a: &Assignment| wave.is_none_or(|w| a.wave as usize == w);
+        // The halted wave and the waves before it: devices that ran the release through
+        // their own wave and soak are evidence too. With the halted wave alone, a wave halted
+        // by its first failure, before its other devices had an outcome, always read as a bad
+        // artifact, even when the canary had run the release fine on every other device type.
+        let in_scope = |a: &Assignment| wave.is_none_or(|w| a.wave as usize <= w);
         let mut attempted = 0usize;
         let mut failed: Vec<(&DeviceId, &Assignment)> = Vec::new();
         for (id, a) in &self.devices {

@@ -5,12 +5,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleet_coordinator::baseline::Sample;
-use fleet_coordinator::engine::{Action, DevState, Event, OperatorCommand, Rollout, Settings};
+use fleet_coordinator::engine::{
+    Action, DevState, Event, OperatorCommand, ReportedOutcome, Rollout, Settings,
+};
 use fleet_coordinator::gate::Trigger;
 use fleet_coordinator::model::DeviceInfo;
 use fleet_coordinator::testkit::{self, Behaviour, Knobs, T0, VirtualFleet};
 use fleet_proto::DeviceId;
-use fleet_proto::device::AppStatus;
+use fleet_proto::device::{AppStatus, OutcomeKind, RollbackReason};
 use fleet_proto::rollout::{FailurePattern, Phase, RolloutStatus};
 
 fn settings() -> Settings {
@@ -516,6 +518,22 @@ fn a_worsening_trend_asks_the_wave_for_fast_reports_first() {
     assert!(f.rollout.waves[0].watching);
 }
 
+/// A failed trial of a wave-1 device, reported by its agent.
+fn trial_failed(f: &VirtualFleet, device: &DeviceId) -> Event {
+    Event::Reported {
+        device: device.clone(),
+        active: None,
+        outcome: Some(ReportedOutcome {
+            rollout: Some(f.rollout.id.clone()),
+            sequence: f.rollout.devices[device].release_sequence,
+            kind: OutcomeKind::RolledBack(RollbackReason::CrashLoop {
+                restarts: 3,
+                window: Duration::from_secs(300),
+            }),
+        }),
+    }
+}
+
 #[test]
 fn an_app_not_answering_during_its_trial_is_left_to_the_watchdog() {
     let (mut f, _) = setup(40, Knobs::default(), &[]);
@@ -535,5 +553,30 @@ fn an_app_not_answering_during_its_trial_is_left_to_the_watchdog() {
             == RolloutStatus::Completed),
         "{}",
         f.rollout.last_action
+    );
+}
+
+#[test]
+fn a_wave_halted_by_its_first_failure_is_judged_with_the_waves_before_it() {
+    let (mut f, _) = setup(40, Knobs::default(), &[]);
+    f.auto_approve = true;
+    // Right after wave 1 was sent, before any of its devices has an outcome.
+    assert!(f.run_until(Duration::from_secs(6 * 3600), |r| r.current == 1));
+    let jetsons: Vec<DeviceId> = f
+        .rollout
+        .devices
+        .iter()
+        .filter(|(_, a)| a.wave == 1 && a.device_type == "jetson")
+        .map(|(d, _)| d.clone())
+        .collect();
+    assert!(jetsons.len() >= 2, "{jetsons:?}");
+    f.step(trial_failed(&f, &jetsons[0]));
+    assert_eq!(f.rollout.status, RolloutStatus::Halted);
+    // The canary ran 2.0 fine on rpi4 as well as jetson: not a bad artifact.
+    assert_eq!(
+        f.rollout.failure_pattern,
+        Some(FailurePattern::Compatibility {
+            device_type: "jetson".into()
+        })
     );
 }
