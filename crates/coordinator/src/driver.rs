@@ -648,17 +648,51 @@ impl Driver {
             sequence: o.sequence,
             kind: o.result.clone(),
         });
+        let active = rep.active.as_ref().map(|a| a.digest);
+        self.late_outcome(id, active, outcome.as_ref(), now);
         if let Some(rid) = self.by_device.get(id).cloned() {
             self.apply(
                 &rid,
                 Event::Reported {
                     device: id.clone(),
-                    active: rep.active.as_ref().map(|a| a.digest),
+                    active,
                     outcome,
                 },
                 now,
             );
         }
+    }
+
+    /// An outcome for a rollout that has ended (halted, aborted, rolled back) still reaches
+    /// it: a device whose trial was running when its wave was rolled back reports the trial's
+    /// verdict afterwards, and the engine records that device as failed there. Other reports
+    /// go only to the device's live rollout.
+    fn late_outcome(
+        &mut self,
+        id: &DeviceId,
+        active: Option<Sha256>,
+        outcome: Option<&ReportedOutcome>,
+        now: UnixMillis,
+    ) {
+        let Some(rid) = outcome.and_then(|o| o.rollout.clone()) else {
+            return;
+        };
+        let ended = self
+            .rollouts
+            .get(&rid)
+            .is_some_and(|r| !r.is_live() && r.devices.contains_key(id));
+        if !ended || self.by_device.get(id) == Some(&rid) {
+            return;
+        }
+        self.apply(
+            &rid,
+            Event::Reported {
+                device: id.clone(),
+                active,
+                outcome: outcome.cloned(),
+            },
+            now,
+        );
     }
 
     async fn on_heartbeat(&mut self, id: &DeviceId, hb: Heartbeat, now: UnixMillis) {
@@ -734,18 +768,20 @@ impl Driver {
             EventKind::Failed { reason } => OutcomeKind::Failed(reason.clone()),
             _ => return,
         };
+        let active = self.devices.get(id).and_then(|d| d.info.active_digest());
+        let outcome = ReportedOutcome {
+            rollout: ev.rollout.clone(),
+            sequence: ev.sequence,
+            kind,
+        };
+        self.late_outcome(id, active, Some(&outcome), now);
         if let Some(rid) = self.by_device.get(id).cloned() {
-            let active = self.devices.get(id).and_then(|d| d.info.active_digest());
             self.apply(
                 &rid,
                 Event::Reported {
                     device: id.clone(),
                     active,
-                    outcome: Some(ReportedOutcome {
-                        rollout: ev.rollout.clone(),
-                        sequence: ev.sequence,
-                        kind,
-                    }),
+                    outcome: Some(outcome),
                 },
                 now,
             );

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use fleet_proto::device::OutcomeKind;
+use fleet_proto::device::{OutcomeKind, RollbackReason};
 use fleet_proto::hex::Sha256;
 use fleet_proto::release::{Approval, Release};
 use fleet_proto::rollout::{
@@ -886,7 +886,12 @@ impl Rollout {
         {
             return;
         }
-        if state != DevState::Sent {
+        // A device whose wave was reverted while it was still in its trial reports the
+        // trial's own verdict afterwards (the agent finishes a trial before it acts on a new
+        // desired state): it failed the release like the device whose report halted the wave.
+        let failed_after_revert = state == DevState::Reverted
+            && matches!(&o.kind, OutcomeKind::RolledBack(r) if *r != RollbackReason::Requested);
+        if state != DevState::Sent && !failed_after_revert {
             return;
         }
         match &o.kind {
@@ -911,7 +916,19 @@ impl Rollout {
                     detail: format!("the agent rolled the release back: {reason}"),
                 };
                 if self.is_final() && self.status != RolloutStatus::Completed {
+                    // Nothing left to roll back or halt, but a failed device is quarantined
+                    // and named in the report whichever report arrived first.
                     self.set_state(id, DevState::Failed);
+                    if let Some(a) = self.devices.get_mut(id) {
+                        a.failure = Some(b.detail.clone());
+                    }
+                    if !self.failed_devices.contains(id) {
+                        self.failed_devices.push(id.clone());
+                    }
+                    out.push(Action::Quarantine {
+                        device: id.clone(),
+                        reason: format!("{}: {}", self.release.label(), b.detail),
+                    });
                     return;
                 }
                 self.device_failed(id, b, now, out);

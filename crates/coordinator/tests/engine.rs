@@ -580,3 +580,33 @@ fn a_wave_halted_by_its_first_failure_is_judged_with_the_waves_before_it() {
         })
     );
 }
+
+#[test]
+fn a_trial_that_fails_after_its_wave_halted_still_quarantines_the_device() {
+    let (mut f, _) = setup(40, Knobs::default(), &[]);
+    f.auto_approve = true;
+    assert!(f.run_until(Duration::from_secs(6 * 3600), |r| r.current == 1));
+    let jetsons: Vec<DeviceId> = f
+        .rollout
+        .devices
+        .iter()
+        .filter(|(_, a)| a.wave == 1 && a.device_type == "jetson")
+        .map(|(d, _)| d.clone())
+        .collect();
+    f.step(trial_failed(&f, &jetsons[0]));
+    assert_eq!(f.rollout.status, RolloutStatus::Halted);
+    // Another jetson of the halted wave was still in its trial when the wave was rolled
+    // back; its watchdog's verdict comes afterwards. It failed the release too, so it is
+    // quarantined and named like the first.
+    f.step(trial_failed(&f, &jetsons[1]));
+    assert_eq!(f.rollout.devices[&jetsons[1]].state, DevState::Failed);
+    assert!(f.rollout.failed_devices.contains(&jetsons[1]));
+    assert!(
+        f.log.iter().any(|(_, a)| matches!(
+            a,
+            Action::Quarantine { device, .. } if *device == jetsons[1]
+        )),
+        "no quarantine for {}",
+        jetsons[1]
+    );
+}
