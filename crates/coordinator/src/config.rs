@@ -94,6 +94,7 @@ struct GateSettingsRaw {
     trend_fraction: f64,
     ewma_alpha: f64,
     max_extensions: u32,
+    p95_floor_ms: f64,
 }
 
 /// Where the MQTT broker is.
@@ -379,6 +380,7 @@ impl Config {
                     trend_fraction: g.trend_fraction,
                     ewma_alpha: g.ewma_alpha,
                     max_extensions: g.max_extensions,
+                    p95_floor_ms: g.p95_floor_ms.max(0.0),
                 },
             },
         })

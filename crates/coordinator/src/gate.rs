@@ -22,6 +22,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::baseline::{Agg, Baseline, Sample};
 
+/// Whether `p95` is worse than `reference` by more than `pct` percent AND more than `floor_ms`.
+fn p95_regressed(p95: f64, reference: f64, pct: f64, floor_ms: f64) -> bool {
+    p95 > reference * (1.0 + pct / 100.0) && p95 - reference > floor_ms
+}
+
+fn default_p95_floor_ms() -> f64 {
+    10.0
+}
+
 /// Gate tuning that is not part of a release's thresholds: how much evidence is enough.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GateSettings {
@@ -40,6 +49,10 @@ pub struct GateSettings {
     pub ewma_alpha: f64,
     /// How many times an inconclusive gate may extend its soak before it counts as failed.
     pub max_extensions: u32,
+    /// A p95 regression must also exceed the reference by this much, in milliseconds.
+    /// Defaulted when absent so rollouts persisted before it existed still load.
+    #[serde(default = "default_p95_floor_ms")]
+    pub p95_floor_ms: f64,
 }
 
 impl Default for GateSettings {
@@ -52,6 +65,7 @@ impl Default for GateSettings {
             trend_fraction: 0.5,
             ewma_alpha: 0.2,
             max_extensions: 3,
+            p95_floor_ms: default_p95_floor_ms(),
         }
     }
 }
@@ -194,20 +208,19 @@ pub fn breach(
     if wave.n_p95 >= s.min_fail_samples
         && let (Some(mean), Some(reference)) = (wave.p95_ms(), r.p95_ms)
         && reference > 0.0
+        && p95_regressed(mean, reference, t.p95_latency_pct, s.p95_floor_ms)
     {
-        let limit = reference * (1.0 + t.p95_latency_pct / 100.0);
-        if mean > limit {
-            return Some(Breach {
-                trigger: Trigger::P95Latency,
-                detail: format!(
-                    "p95 latency {mean:.0} ms is {:.0} % above the {} {reference:.0} ms (limit +{} %, {} samples)",
-                    (mean / reference - 1.0) * 100.0,
-                    r.source,
-                    t.p95_latency_pct,
-                    wave.n_p95
-                ),
-            });
-        }
+        return Some(Breach {
+            trigger: Trigger::P95Latency,
+            detail: format!(
+                "p95 latency {mean:.0} ms is {:.0} % above the {} {reference:.0} ms (limit +{} % and +{} ms, {} samples)",
+                (mean / reference - 1.0) * 100.0,
+                r.source,
+                t.p95_latency_pct,
+                s.p95_floor_ms,
+                wave.n_p95
+            ),
+        });
     }
     if active > 0 {
         let share = (unreachable + failed) as f64 * 100.0 / active as f64;
@@ -288,7 +301,12 @@ pub fn worsening(wave: &Agg, r: &Reference, t: &Thresholds, s: &GateSettings) ->
     }
     if let (Some(p), Some(reference)) = (wave.ewma_p95, r.p95_ms)
         && reference > 0.0
-        && (p / reference - 1.0) * 100.0 > s.trend_fraction * t.p95_latency_pct
+        && p95_regressed(
+            p,
+            reference,
+            s.trend_fraction * t.p95_latency_pct,
+            s.trend_fraction * s.p95_floor_ms,
+        )
     {
         return Some(format!(
             "recent p95 latency {p:.0} ms is {:.0} % above the {} (trigger at +{} %)",
@@ -342,7 +360,7 @@ pub fn verdict(
     }
     if let (Some(mean), Some(reference)) = (wave.p95_ms(), r.p95_ms)
         && reference > 0.0
-        && mean > reference * (1.0 + t.p95_latency_pct / 100.0)
+        && p95_regressed(mean, reference, t.p95_latency_pct, s.p95_floor_ms)
     {
         return (
             GateVerdict::Inconclusive,
@@ -436,6 +454,49 @@ mod tests {
         assert_eq!(v, GateVerdict::Pass, "{why}");
         let (v, _) = verdict(&agg(&[0.0; 60]), 1, &base(), &t, &s);
         assert_eq!(v, GateVerdict::Inconclusive);
+    }
+
+    fn latency(p95s: &[f64]) -> Agg {
+        let mut a = Agg::default();
+        for &p in p95s {
+            a.add(
+                &Sample {
+                    status: AppStatus::Healthy,
+                    version: None,
+                    error_rate: Some(0.0),
+                    p95_ms: Some(p),
+                    cpu_pct: 1.0,
+                    memory_pct: 10.0,
+                    restarts_in_window: 0,
+                    probe_ok: None,
+                },
+                0.2,
+            );
+        }
+        a
+    }
+
+    #[test]
+    fn a_latency_regression_must_be_relative_and_absolute() {
+        let t = Thresholds::default();
+        let s = GateSettings::default();
+        let fast = Reference {
+            error_rate: 0.0,
+            p95_ms: Some(3.0),
+            source: "control",
+        };
+        // 3 ms → 5 ms is +67 %, and scheduling noise: no trigger.
+        assert_eq!(breach(&latency(&[5.0; 6]), 1, 0, 0, &fast, &t, &s), None);
+        // 3 ms → 40 ms is a regression by either measure.
+        let b = breach(&latency(&[40.0; 6]), 1, 0, 0, &fast, &t, &s).unwrap();
+        assert_eq!(b.trigger, Trigger::P95Latency);
+        assert!(b.detail.contains("limit +50 % and +10 ms"), "{}", b.detail);
+        // At 100 ms the relative limit is the binding one.
+        assert_eq!(
+            breach(&latency(&[140.0; 6]), 1, 0, 0, &base(), &t, &s),
+            None
+        );
+        assert!(breach(&latency(&[160.0; 6]), 1, 0, 0, &base(), &t, &s).is_some());
     }
 
     #[test]
