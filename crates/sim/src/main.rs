@@ -21,50 +21,62 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Many protocol-level simulated devices against a broker (no slots, no app processes)
-    Load {
-        #[arg(long, default_value = "127.0.0.1:1883", value_name = "HOST:PORT")]
-        broker: String,
-        #[arg(long, default_value_t = 1000)]
+    /// A good and a bad release through a fleet of real agents and apps, in one process
+    Demo {
+        /// Number of devices (three hardware types, two regions)
+        #[arg(long, default_value_t = 24)]
         devices: usize,
-        /// Index of the first device, to split a fleet over several processes
-        #[arg(long, default_value_t = 0)]
-        first: usize,
-        #[arg(long, default_value = "sim")]
-        prefix: String,
-        #[arg(long, default_value = "10s")]
-        heartbeat: humantime_arg::Dur,
-        #[arg(
-            long,
-            value_delimiter = ',',
-            default_value = "jetson-orin,rpi4,x86-gateway"
-        )]
-        types: Vec<String>,
-        #[arg(long, value_delimiter = ',', default_value = "eu-west,us-east")]
-        regions: Vec<String>,
-        /// Release public key file (hex); desired releases are admitted as an agent would
-        #[arg(long, value_name = "FILE")]
-        key: Option<std::path::PathBuf>,
-        #[arg(long, default_value = "200ms")]
-        install_delay: humantime_arg::Dur,
-        /// Share (0–1) of devices that roll every new release back
-        #[arg(long, default_value_t = 0.0)]
-        fail_install: f64,
-        /// Share (0–1) of devices that never come online
-        #[arg(long, default_value_t = 0.0)]
-        offline: f64,
-        /// Devices of this type turn bad (30 % errors) on --bad-version
+        /// Keep the working directory (registry, device disks) instead of removing it
         #[arg(long)]
-        bad_type: Option<String>,
-        #[arg(long)]
-        bad_version: Option<String>,
-        /// Average disconnects per device per hour
-        #[arg(long, default_value_t = 0.0)]
-        churn_per_hour: f64,
-        /// Stop after this long [default: run until Ctrl-C]
-        #[arg(long)]
-        duration: Option<humantime_arg::Dur>,
+        keep: bool,
     },
+    /// Many protocol-level simulated devices against a broker (no slots, no app processes)
+    Load(Box<LoadArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    #[arg(long, default_value = "127.0.0.1:1883", value_name = "HOST:PORT")]
+    broker: String,
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Index of the first device, to split a fleet over several processes
+    #[arg(long, default_value_t = 0)]
+    first: usize,
+    #[arg(long, default_value = "sim")]
+    prefix: String,
+    #[arg(long, default_value = "10s")]
+    heartbeat: humantime_arg::Dur,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "jetson-orin,rpi4,x86-gateway"
+    )]
+    types: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "eu-west,us-east")]
+    regions: Vec<String>,
+    /// Release public key file (hex); desired releases are admitted as an agent would
+    #[arg(long, value_name = "FILE")]
+    key: Option<std::path::PathBuf>,
+    #[arg(long, default_value = "200ms")]
+    install_delay: humantime_arg::Dur,
+    /// Share (0–1) of devices that roll every new release back
+    #[arg(long, default_value_t = 0.0)]
+    fail_install: f64,
+    /// Share (0–1) of devices that never come online
+    #[arg(long, default_value_t = 0.0)]
+    offline: f64,
+    /// Devices of this type turn bad (30 % errors) on --bad-version
+    #[arg(long)]
+    bad_type: Option<String>,
+    #[arg(long)]
+    bad_version: Option<String>,
+    /// Average disconnects per device per hour
+    #[arg(long, default_value_t = 0.0)]
+    churn_per_hour: f64,
+    /// Stop after this long [default: run until Ctrl-C]
+    #[arg(long)]
+    duration: Option<humantime_arg::Dur>,
 }
 
 /// Durations on the command line (`10s`, `200ms`).
@@ -84,25 +96,45 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    // Agents and the coordinator log through tracing; the demo's own output is the story, so
+    // only errors are shown unless FLEET_LOG asks for more (e.g. FLEET_LOG=info).
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FLEET_LOG")
+                // rumqttd logs every dropped connection as an error; the coordinator reports
+                // what matters about its devices itself.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,rumqttd=off")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     runtime.block_on(async move {
         match cli.command {
-            Cmd::Load {
-                broker,
-                devices,
-                first,
-                prefix,
-                heartbeat,
-                types,
-                regions,
-                key,
-                install_delay,
-                fail_install,
-                offline,
-                bad_type,
-                bad_version,
-                churn_per_hour,
-                duration,
-            } => {
+            Cmd::Demo { devices, keep } => {
+                anyhow::ensure!(
+                    devices >= 6,
+                    "--devices must be at least 6 (three types, two regions)"
+                );
+                fleet_sim::demo::run(fleet_sim::demo::Options { devices, keep }).await
+            }
+            Cmd::Load(args) => {
+                let LoadArgs {
+                    broker,
+                    devices,
+                    first,
+                    prefix,
+                    heartbeat,
+                    types,
+                    regions,
+                    key,
+                    install_delay,
+                    fail_install,
+                    offline,
+                    bad_type,
+                    bad_version,
+                    churn_per_hour,
+                    duration,
+                } = *args;
                 let (host, port) = broker
                     .rsplit_once(':')
                     .and_then(|(h, p)| Some((h.to_owned(), p.parse::<u16>().ok()?)))

@@ -1,0 +1,525 @@
+//! `fleet-sim demo`: a good release and a bad one through a fleet of real agents, in one
+//! process, in about two minutes.
+//!
+//! 1. A good release rolls out: canary, (automatic) approval, waves, confirm. One device is
+//!    offline during it: skipped, then caught up when it returns.
+//! 2. A bad release, faulty on one device type only: the gate catches it, the wave rolls back,
+//!    and the report names the failure pattern.
+//! 3. Both deployment reports, the state block and an audit summary.
+//!
+//! The operator side goes through `fleetctl`'s library (MQTT requests to the coordinator), so
+//! the demo drives the system exactly as a person with `fleetctl` would.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use fleet_proto::operator::{AuditQuery, Command, DeviceStatus, DeviceView, ReplyBody};
+use fleet_proto::rollout::{RolloutState, RolloutStatus};
+use fleet_proto::{DeviceId, RolloutId, SignedRelease, UnixMillis};
+use fleetctl::link::{Answer, Link};
+use fleetctl::settings::{Broker, Settings};
+
+use crate::releases::{self, Spec};
+use crate::site::{Layout, Site};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub devices: usize,
+    /// Keep the working directory (registry, device disks, logs) instead of removing it.
+    pub keep: bool,
+}
+
+struct Clock(Instant);
+
+impl Clock {
+    fn stamp(&self) -> String {
+        format!("+{:>5.1}s", self.0.elapsed().as_secs_f64())
+    }
+}
+
+fn now() -> UnixMillis {
+    UnixMillis::from_system(std::time::SystemTime::now())
+}
+
+async fn ask(link: &mut Link, command: Command) -> anyhow::Result<ReplyBody> {
+    match link.request(command).await? {
+        Answer::Accepted(body) => Ok(body),
+        Answer::Refused(r) => Err(fleetctl::refused(r).into()),
+    }
+}
+
+async fn devices(link: &mut Link) -> anyhow::Result<Vec<DeviceView>> {
+    match ask(link, Command::ListDevices).await? {
+        ReplyBody::Devices(d) => Ok(d),
+        _ => bail!("the coordinator answered a device listing with something else"),
+    }
+}
+
+async fn state(link: &mut Link, rollout: &RolloutId) -> anyhow::Result<RolloutState> {
+    match ask(
+        link,
+        Command::Status {
+            rollout: rollout.clone(),
+        },
+    )
+    .await?
+    {
+        ReplyBody::State(s) => Ok(s),
+        _ => bail!("the coordinator answered a status request with something else"),
+    }
+}
+
+/// Polls the registry until `done` holds, failing after `limit` with `what`.
+async fn wait_devices(
+    link: &mut Link,
+    limit: Duration,
+    what: &str,
+    mut done: impl FnMut(&[DeviceView]) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done(&devices(link).await?) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {}s waiting for {what}", limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn progress_line(clock: &Clock, s: &RolloutState) -> String {
+    let wave = if s.current_wave.current == 0 {
+        "canary".to_owned()
+    } else {
+        format!("wave {}/{}", s.current_wave.current, s.current_wave.total)
+    };
+    format!(
+        "  {} {:<8} {:<17} {:<9} deployed {:>2}/{} healthy {:>2} skipped {} quarantined {} | {}",
+        clock.stamp(),
+        s.phase.to_string(),
+        s.status.to_string(),
+        wave,
+        s.deployed_count,
+        s.fleet_total,
+        s.healthy_count,
+        s.skipped_count,
+        s.quarantined_count,
+        s.last_action
+    )
+}
+
+/// Follows a rollout's state until it ends, printing each change.
+async fn follow(
+    link: &mut Link,
+    clock: &Clock,
+    rollout: &RolloutId,
+    limit: Duration,
+) -> anyhow::Result<RolloutState> {
+    link.follow(rollout).await?;
+    let deadline = Instant::now() + limit;
+    let mut current = state(link, rollout).await?;
+    let mut printed = String::new();
+    let mut approval_noted = false;
+    loop {
+        // One line per step of the rollout rather than per device: the key leaves out the
+        // deployed and healthy counts, which every printed line shows anyway.
+        let key = format!(
+            "{}|{}|{}|{}|{}|{}",
+            current.phase,
+            current.status,
+            String::from(current.current_wave),
+            current.last_action,
+            current.skipped_count,
+            current.quarantined_count
+        );
+        if key != printed {
+            println!("{}", progress_line(clock, &current));
+            printed = key;
+        }
+        if !approval_noted && current.current_wave.current >= 1 {
+            approval_noted = true;
+            println!(
+                "  {}   canary gate passed; approval is automatic in this demo (approval = \"auto\"); an operator would run `fleetctl rollout approve {rollout}`",
+                clock.stamp()
+            );
+        }
+        if current.status.is_final() {
+            return Ok(current);
+        }
+        if Instant::now() > deadline {
+            bail!("rollout {rollout} did not end within {}s", limit.as_secs());
+        }
+        let next = match link.next_state(Duration::from_secs(2)).await? {
+            Some(s) if s.rollout == *rollout => s,
+            Some(_) => continue,
+            None => state(link, rollout).await?,
+        };
+        if next.updated_at >= current.updated_at {
+            current = next;
+        }
+    }
+}
+
+async fn start(
+    link: &mut Link,
+    clock: &Clock,
+    release: SignedRelease,
+) -> anyhow::Result<RolloutId> {
+    let plan = match ask(
+        link,
+        Command::Plan {
+            release: release.clone(),
+        },
+    )
+    .await?
+    {
+        ReplyBody::Plan(p) => p,
+        _ => bail!("the coordinator answered a plan request with something else"),
+    };
+    let passed = plan.checklist.iter().filter(|i| i.ok).count();
+    println!(
+        "  {} plan: {passed}/{} checklist items pass",
+        clock.stamp(),
+        plan.checklist.len()
+    );
+    for wave in &plan.waves {
+        let types: Vec<String> = wave
+            .by_type
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!(
+            "  {}   {:<7} {:>2} devices ({})",
+            clock.stamp(),
+            wave.name,
+            wave.devices.len(),
+            types.join(", ")
+        );
+    }
+    for (id, why) in &plan.excluded {
+        println!("  {}   not now: {id}: {why}", clock.stamp());
+    }
+    match ask(link, Command::Start { release }).await? {
+        ReplyBody::Started(s) => {
+            println!(
+                "  {} started rollout {} of {}",
+                clock.stamp(),
+                s.rollout,
+                s.artifact
+            );
+            Ok(s.rollout)
+        }
+        _ => bail!("the coordinator answered a start request with something else"),
+    }
+}
+
+fn versions(devices: &[DeviceView]) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for d in devices {
+        let v = d
+            .active
+            .as_ref()
+            .map_or("nothing".to_owned(), |a| a.version.clone());
+        *out.entry(v).or_default() += 1;
+    }
+    out
+}
+
+fn show_versions(devices: &[DeviceView]) -> String {
+    versions(devices)
+        .iter()
+        .map(|(v, n)| format!("{n} on {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Runs the demo. Everything it starts is stopped and its directory removed, also on failure.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new().prefix("fleet-demo-").tempdir()?;
+    let app = releases::demo_app_binary()?;
+    let key = fleet_proto::SigningKey::generate(&mut rand::rngs::OsRng);
+    let layout = Layout {
+        devices: options.devices,
+        ..Layout::default()
+    };
+    let mut site = Site::create(dir.path(), &layout, key).await?;
+    let result = scenario(&mut site, &app, &layout).await;
+    let shutdown = site.shutdown().await;
+    let leftovers = processes_under(dir.path());
+    if options.keep {
+        let kept = dir.keep();
+        println!("\nkept the demo's directory: {}", kept.display());
+    } else {
+        let path = dir.path().to_owned();
+        dir.close()
+            .with_context(|| format!("cannot remove {}", path.display()))?;
+        println!(
+            "\nstopped every agent and application; removed {}",
+            path.display()
+        );
+    }
+    if !leftovers.is_empty() {
+        bail!("processes still running from the demo's directory: {leftovers:?}");
+    }
+    result.and(shutdown)
+}
+
+async fn scenario(site: &mut Site, app: &std::path::Path, layout: &Layout) -> anyhow::Result<()> {
+    let clock = Clock(Instant::now());
+    let total = site.devices.len();
+    let by_type = layout
+        .types
+        .iter()
+        .map(|(t, _)| {
+            format!(
+                "{t} ×{}",
+                site.devices
+                    .values()
+                    .filter(|d| d.device_type == *t)
+                    .count()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!(
+        "fleet demo: {total} devices ({by_type}) in {}",
+        layout.regions.join(" and ")
+    );
+    println!(
+        "  coordinator: embedded MQTT broker on {}, SQLite registry in {}, HTTP on {}",
+        site.broker,
+        site.dir.join("registry.db").display(),
+        site.http
+    );
+    println!(
+        "  release key {} (the demo signs; the coordinator only holds the public key)",
+        fleet_proto::release::key_id(&site.key.verifying_key())
+    );
+
+    for device in site.devices.values_mut() {
+        device.start();
+    }
+    let settings = Settings {
+        broker: Broker {
+            host: site.broker.ip().to_string(),
+            port: site.broker.port(),
+        },
+        username: None,
+        password: None,
+        operator: "demo-operator".into(),
+        timeout: Duration::from_secs(20),
+    };
+    let mut link = Link::connect(&settings).await?;
+    wait_devices(
+        &mut link,
+        Duration::from_secs(60),
+        "every agent to register",
+        |d| d.len() == total && d.iter().all(|d| d.status == DeviceStatus::Online),
+    )
+    .await?;
+    println!(
+        "  {} {total} agents online, nothing installed yet",
+        clock.stamp()
+    );
+
+    // One device loses its connection for the first rollout.
+    let offline: DeviceId = site
+        .devices
+        .values()
+        .filter(|d| d.device_type == "rpi4")
+        .map(|d| d.id.clone())
+        .next_back()
+        .context("the demo needs an rpi4 device")?;
+    site.devices
+        .get_mut(&offline)
+        .context("the offline device exists")?
+        .stop()
+        .await?;
+    wait_devices(
+        &mut link,
+        Duration::from_secs(30),
+        "the unplugged device to be seen offline",
+        |d| {
+            d.iter()
+                .any(|d| d.id == offline && d.status == DeviceStatus::Offline)
+        },
+    )
+    .await?;
+    println!(
+        "  {} {offline} went offline (its agent stopped): it will be skipped, not failed",
+        clock.stamp()
+    );
+
+    println!(
+        "  {} building and signing demo-app 1.0.0 and 2.0.0",
+        clock.stamp()
+    );
+    let work = site.dir.join("build");
+    std::fs::create_dir_all(&work)?;
+    let good = Spec {
+        version: "1.0.0".into(),
+        counter: 1,
+        rollback_to: None,
+        faults: vec![],
+    };
+    let bad = Spec {
+        version: "2.0.0".into(),
+        counter: 2,
+        rollback_to: Some((1, "1.0.0".into())),
+        // A compatibility bug: 40 % of requests fail, on rpi4 only.
+        faults: ["--only-on-device-type", "rpi4", "--error-rate", "0.4"]
+            .map(str::to_owned)
+            .to_vec(),
+    };
+    let (good_release, _) = releases::build(
+        &good,
+        app,
+        &work,
+        &site.artifacts,
+        site.http,
+        &site.key,
+        now(),
+    )?;
+    let (bad_release, _) = releases::build(
+        &bad,
+        app,
+        &work,
+        &site.artifacts,
+        site.http,
+        &site.key,
+        now(),
+    )?;
+
+    println!("\n== 1. a good release: demo-app 1.0.0 (canary 5 %, waves 50 % / 100 %)");
+    let first = start(&mut link, &clock, good_release).await?;
+    let end = follow(&mut link, &clock, &first, Duration::from_secs(180)).await?;
+    if end.status != RolloutStatus::Completed {
+        bail!(
+            "the good release ended {} instead of completed: {}",
+            end.status,
+            end.last_action
+        );
+    }
+    println!(
+        "  {} completed: {} deployed, {} skipped ({offline} was offline), {} quarantined",
+        clock.stamp(),
+        end.deployed_count,
+        end.skipped_count,
+        end.quarantined_count
+    );
+
+    println!("  {} {offline} comes back online", clock.stamp());
+    site.devices
+        .get_mut(&offline)
+        .context("the offline device exists")?
+        .start();
+    // Caught up means committed after its trial: the rollout counts it as deployed.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while state(&mut link, &first).await?.deployed_count < total as u32 {
+        if Instant::now() > deadline {
+            bail!("{offline} was not caught up within 90s");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "  {} {offline} caught up: committed 1.0.0 after the same trial and health checks",
+        clock.stamp()
+    );
+    println!(
+        "  {} fleet: {}",
+        clock.stamp(),
+        show_versions(&devices(&mut link).await?)
+    );
+
+    println!("\n== 2. a bad release: demo-app 2.0.0, 40 % errors on rpi4 only");
+    let second = start(&mut link, &clock, bad_release).await?;
+    let end = follow(&mut link, &clock, &second, Duration::from_secs(180)).await?;
+    if !matches!(
+        end.status,
+        RolloutStatus::Halted | RolloutStatus::RolledBack
+    ) {
+        bail!(
+            "the bad release ended {} instead of halted: {}",
+            end.status,
+            end.last_action
+        );
+    }
+    wait_devices(
+        &mut link,
+        Duration::from_secs(60),
+        "the rolled-back devices to serve 1.0.0 again",
+        |d| {
+            d.iter()
+                .all(|d| d.active.as_ref().is_some_and(|a| a.version == "1.0.0"))
+        },
+    )
+    .await?;
+    println!(
+        "  {} halted and rolled back; fleet: {}",
+        clock.stamp(),
+        show_versions(&devices(&mut link).await?)
+    );
+
+    for rollout in [&first, &second] {
+        match ask(
+            &mut link,
+            Command::Report {
+                rollout: rollout.clone(),
+            },
+        )
+        .await?
+        {
+            ReplyBody::Report(report) => {
+                println!("\n== Fleet Deployment Report: {rollout}\n");
+                println!("{}", report.markdown.trim_end());
+            }
+            _ => bail!("the coordinator answered a report request with something else"),
+        }
+    }
+    println!("\n== state block: fleetctl rollout status {second}\n");
+    print!("{}", state(&mut link, &second).await?.render_block());
+
+    let audit = match ask(
+        &mut link,
+        Command::Audit(AuditQuery {
+            limit: Some(100_000),
+            ..AuditQuery::default()
+        }),
+    )
+    .await?
+    {
+        ReplyBody::Audit(a) => a,
+        _ => bail!("the coordinator answered an audit query with something else"),
+    };
+    let mut by_actor: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for e in &audit {
+        let who = match e.actor {
+            fleet_proto::operator::ActorKind::Device => "device".to_owned(),
+            _ => e.actor_name.clone(),
+        };
+        *by_actor.entry((who, e.action.clone())).or_default() += 1;
+    }
+    println!("\n== audit: {} entries (fleetctl audit)\n", audit.len());
+    for ((who, action), n) in &by_actor {
+        println!("  {n:>4} × {who:<16} {action}");
+    }
+    link.disconnect().await;
+    Ok(())
+}
+
+/// Processes whose executable lives under `dir`: applications the demo failed to stop.
+fn processes_under(dir: &std::path::Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let exe = std::fs::read_link(e.path().join("exe")).ok()?;
+            exe.starts_with(dir).then_some(pid)
+        })
+        .collect()
+}
