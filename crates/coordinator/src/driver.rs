@@ -501,7 +501,7 @@ impl Driver {
             && seq > last + 1
         {
             let lost = seq - last - 1;
-            self.metrics.lost_reports.fetch_add(lost, Ordering::Relaxed);
+            self.metrics.lost(kind, lost);
             debug!(device = %id, kind = %kind, lost, "report sequence gap");
         }
         self.last_seq.insert(key, seq);

@@ -16,7 +16,8 @@ use crate::gate::Trigger;
 pub struct Metrics {
     pub reports: [AtomicU64; 5],
     pub decode_errors: [AtomicU64; 8],
-    pub lost_reports: AtomicU64,
+    /// Gaps in device report sequence numbers, per kind (indexed like `decode_errors`).
+    pub lost_reports: [AtomicU64; 8],
     pub id_mismatches: AtomicU64,
     pub commands: AtomicU64,
     pub publishes: AtomicU64,
@@ -63,6 +64,14 @@ impl Metrics {
 
     pub fn decode_errors(&self, k: Kind) -> u64 {
         self.decode_errors[kind_index(k)].load(Ordering::Relaxed)
+    }
+
+    pub fn lost(&self, k: Kind, n: u64) {
+        self.lost_reports[kind_index(k)].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn lost_reports(&self, k: Kind) -> u64 {
+        self.lost_reports[kind_index(k)].load(Ordering::Relaxed)
     }
 
     pub fn trigger(&self, t: &Trigger) {
@@ -132,16 +141,21 @@ impl Metrics {
                 self.decode_errors(k)
             );
         }
+        // Per kind: an event gap is a lost step of an update, a state gap only a superseded
+        // report (the latest state wins), a heartbeat gap a QoS 0 sample.
         let _ = writeln!(
             o,
-            "# HELP fleet_lost_reports_total Gaps in per-device report sequence numbers."
+            "# HELP fleet_lost_reports_total Gaps in per-device report sequence numbers, by kind."
         );
         let _ = writeln!(o, "# TYPE fleet_lost_reports_total counter");
-        let _ = writeln!(
-            o,
-            "fleet_lost_reports_total {}",
-            self.lost_reports.load(Ordering::Relaxed)
-        );
+        for k in [Kind::State, Kind::Heartbeat, Kind::Event] {
+            let _ = writeln!(
+                o,
+                "fleet_lost_reports_total{{kind=\"{}\"}} {}",
+                kind_label(k),
+                self.lost_reports(k)
+            );
+        }
         let _ = writeln!(
             o,
             "# HELP fleet_rejected_reports_total Reports whose payload device id differs from the topic's."
@@ -190,5 +204,30 @@ pub fn kind_label(k: Kind) -> &'static str {
         Kind::Command => "command",
         Kind::Reply => "reply",
         Kind::RolloutState => "rollout_state",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_reports_are_counted_per_kind() {
+        let m = Metrics::default();
+        m.lost(Kind::State, 2);
+        m.lost(Kind::Event, 1);
+        let text = m.render();
+        assert!(
+            text.contains("fleet_lost_reports_total{kind=\"state\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleet_lost_reports_total{kind=\"heartbeat\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fleet_lost_reports_total{kind=\"event\"} 1\n"),
+            "{text}"
+        );
     }
 }
