@@ -395,6 +395,7 @@ pub fn systemctl_args(verb: &str, unit: &str) -> Vec<String> {
             "--property".into(),
             SHOW_PROPERTIES.into(),
         ],
+        "reset-failed" => vec!["reset-failed".into(), unit.into()],
         other => vec![other.into(), "--no-block".into(), unit.into()],
     }
 }
@@ -497,6 +498,13 @@ impl Runtime for Systemd {
             use std::os::unix::fs::PermissionsExt as _;
             let _ =
                 std::fs::set_permissions(&self.exec_script, std::fs::Permissions::from_mode(0o755));
+        }
+        // A release that crashed at start may have run the unit into its start limit ("Start
+        // request repeated too quickly"); systemd then refuses every start, the rollback's
+        // included, and with --no-block the refusal is never seen here. The agent's restart is
+        // deliberate, so the limit (and a failed state) is reset first.
+        if let Err(e) = self.systemctl("reset-failed").await {
+            tracing::debug!("{e}");
         }
         self.systemctl("restart").await?;
         self.base_restarts = None;
@@ -604,6 +612,10 @@ mod tests {
         assert_eq!(
             systemctl_args("restart", "app.service"),
             ["restart", "--no-block", "app.service"]
+        );
+        assert_eq!(
+            systemctl_args("reset-failed", "app.service"),
+            ["reset-failed", "app.service"]
         );
         assert_eq!(
             systemctl_args("show", "app.service"),
