@@ -118,6 +118,9 @@ struct Driver {
     decode_errors: u64,
     notifier: Option<Notifier>,
     topic_events: String,
+    /// True while the journal is resolved at start: an app already running the journal's
+    /// active release may then be adopted instead of restarted (`Runtime::adopt`).
+    booting: bool,
 }
 
 impl std::fmt::Debug for Driver {
@@ -238,6 +241,7 @@ impl Driver {
             },
             decode_errors: 0,
             notifier: options.notifier,
+            booting: false,
         })
     }
 
@@ -259,7 +263,10 @@ impl Driver {
             .read_link()
             .map_err(io("cannot read the active link"))?;
         info!(phase = ?self.state.phase.wire(), ?link, "resolving the journal");
-        self.apply(Input::Boot { link }).await?;
+        self.booting = true;
+        let resolved = self.apply(Input::Boot { link }).await;
+        self.booting = false;
+        resolved?;
         if let Some(n) = &self.notifier {
             n.send("READY=1");
         }
@@ -443,6 +450,16 @@ impl Driver {
             env: self.app_env(release),
             dir: active,
         };
+        // Design: an agent restart (watchdog, crash, upgrade) is not a reason to restart an app
+        // that outlived it and runs the committed release; only the systemd runtime can have
+        // one, and it checks what runs before saying yes.
+        if self.booting
+            && matches!(self.state.phase, Phase::Idle)
+            && self.runtime.adopt(&spec).await
+        {
+            info!(slot = %slot, version = %release.version, "the app already runs this release: left running");
+            return;
+        }
         info!(slot = %slot, version = %release.version, "starting the app");
         if let Err(e) = self.runtime.start(spec).await {
             warn!(slot = %slot, version = %release.version, "{e}");

@@ -51,6 +51,10 @@ pub trait Runtime: Send {
         spec: AppSpec,
     ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send;
     fn stop(&mut self) -> impl std::future::Future<Output = ()> + Send;
+    /// Takes over an app that already runs `spec`, instead of restarting it, when the runtime
+    /// can prove that it does; returns whether it did (if not, call `start`). The agent asks
+    /// once, when it starts and its journal says Idle.
+    fn adopt(&mut self, spec: &AppSpec) -> impl std::future::Future<Output = bool> + Send;
     /// Current state; restarts counted within `window`.
     fn status(&mut self, window: Duration) -> impl std::future::Future<Output = Status> + Send;
 }
@@ -79,6 +83,12 @@ impl Runtime for AnyRuntime {
         match self {
             AnyRuntime::Process(p) => p.status(window).await,
             AnyRuntime::Systemd(s) => s.status(window).await,
+        }
+    }
+    async fn adopt(&mut self, spec: &AppSpec) -> bool {
+        match self {
+            AnyRuntime::Process(p) => p.adopt(spec).await,
+            AnyRuntime::Systemd(s) => s.adopt(spec).await,
         }
     }
 }
@@ -213,6 +223,11 @@ impl Runtime for Process {
         self.task = Some(tokio::spawn(supervise(spec, first, shared, opts, stop_rx)));
         self.stop_tx = Some(stop_tx);
         Ok(())
+    }
+
+    /// The app is the agent's child and died with the previous agent: nothing to adopt.
+    async fn adopt(&mut self, _spec: &AppSpec) -> bool {
+        false
     }
 
     async fn stop(&mut self) {
@@ -458,6 +473,49 @@ impl Systemd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Why the unit cannot be left running as it is for `spec`, if it cannot.
+    async fn check_adoptable(&self, spec: &AppSpec) -> Result<(), String> {
+        let u = parse_show(&self.systemctl("show").await.map_err(|e| e.to_string())?);
+        if u.active_state != "active" || u.sub_state != "running" || u.exec_main_pid == 0 {
+            return Err(format!("it is {}/{}", u.active_state, u.sub_state));
+        }
+        let script = std::fs::read(&self.exec_script).unwrap_or_default();
+        if script != exec_script(spec).as_bytes() {
+            return Err(format!(
+                "{} runs something else",
+                self.exec_script.display()
+            ));
+        }
+        // Compared by inode: stat follows the /proc magic link to the directory itself, while
+        // its text (readlink) is not a usable path when the agent has its own mount namespace
+        // (ProtectSystem=, PrivateTmp= in its unit).
+        use std::os::unix::fs::MetadataExt as _;
+        let id = |m: std::fs::Metadata| (m.dev(), m.ino());
+        let cwd = std::fs::metadata(format!("/proc/{}/cwd", u.exec_main_pid))
+            .map(id)
+            .map_err(|e| format!("cannot tell the slot of process {}: {e}", u.exec_main_pid))?;
+        let slot = std::fs::metadata(&spec.dir)
+            .map(id)
+            .map_err(|e| format!("cannot resolve {}: {e}", spec.dir.display()))?;
+        if cwd != slot {
+            return Err(format!(
+                "process {} does not run in {}",
+                u.exec_main_pid,
+                spec.dir.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counters start again from the next observation (after a start or an adoption).
+    fn reset_counters(&mut self) {
+        self.base_restarts = None;
+        self.seen_restarts = 0;
+        self.restarts.clear();
+        self.exits = 0;
+        self.last_main_pid = None;
+    }
+
     /// Folds one `systemctl show` observation into the counters.
     pub fn observe(&mut self, u: &UnitState, now: Instant) {
         let base = *self.base_restarts.get_or_insert(u.n_restarts);
@@ -507,14 +565,28 @@ impl Runtime for Systemd {
             tracing::debug!("{e}");
         }
         self.systemctl("restart").await?;
-        self.base_restarts = None;
-        self.seen_restarts = 0;
-        self.restarts.clear();
-        self.exits = 0;
-        self.last_main_pid = None;
+        self.reset_counters();
         Ok(())
     }
 
+    /// The unit outlives the agent (a watchdog kill, a crash, an agent upgrade): if it is
+    /// running the script this spec writes, from the slot `active` points to now, it is left
+    /// running. The script starts the entrypoint through the `active` link, so the main
+    /// process's working directory (`cd` resolves the link) names the slot it was started
+    /// from. Anything unproven (another state, another script, another slot, an app that
+    /// changed directory) is restarted as before.
+    async fn adopt(&mut self, spec: &AppSpec) -> bool {
+        match self.check_adoptable(spec).await {
+            Ok(()) => {
+                self.reset_counters();
+                true
+            }
+            Err(why) => {
+                tracing::info!(unit = %self.unit, "restarting the app unit: {why}");
+                false
+            }
+        }
+    }
     async fn stop(&mut self) {
         if let Err(e) = self.systemctl("stop").await {
             tracing::warn!("{e}");
