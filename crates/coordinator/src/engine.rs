@@ -1203,14 +1203,29 @@ impl Rollout {
                     return;
                 }
                 if w.extensions >= self.settings.gate.max_extensions {
-                    let b = Breach {
-                        trigger: Trigger::Inconclusive,
-                        detail: format!(
-                            "{name}: still inconclusive after {} soak extensions ({why})",
-                            w.extensions
-                        ),
-                    };
-                    self.halt(b, now, out);
+                    // Design: no evidence of harm is no reason to roll back a release, and no
+                    // evidence of health is no reason to go on: hold the rollout for a person.
+                    // Triggers stay armed while it waits, so harm still rolls back at once.
+                    let extensions = w.extensions;
+                    let id = self.id.clone();
+                    self.waves[i].verdict = Some(Verdict::Inconclusive);
+                    self.last_action = format!(
+                        "{name} gate still inconclusive after {extensions} soak extensions ({why}); holding for an operator"
+                    );
+                    self.next_action = format!(
+                        "`fleetctl rollout approve {id}` continues past the {name} gate; `fleetctl rollout rollback {id}` reverts"
+                    );
+                    self.blockers = vec![format!(
+                        "{name} gate inconclusive: too little evidence either way (longer soaks or more devices per wave give more)"
+                    )];
+                    out.push(Action::Audit {
+                        actor: Actor::Coordinator,
+                        device: None,
+                        action: format!("hold {name}"),
+                        outcome: self.last_action.clone(),
+                    });
+                    let (phase, last) = (self.phase, self.last_action.clone());
+                    self.transition(phase, RolloutStatus::AwaitingApproval, &last, out);
                     return;
                 }
                 let ext = gate::extension(w.soak);
@@ -1487,7 +1502,15 @@ impl Rollout {
                         hint,
                     );
                 }
-                audit(out, "approved after the canary gate".into());
+                let gate = &self.waves[self.current];
+                audit(
+                    out,
+                    if gate.verdict == Some(Verdict::Inconclusive) {
+                        format!("approved past the inconclusive {} gate", gate.name)
+                    } else {
+                        format!("approved after the {} gate", gate.name)
+                    },
+                );
                 self.blockers.clear();
                 self.next_wave(now, &format!("approved by {operator}"), out);
             }

@@ -99,12 +99,10 @@ pub enum Trigger {
     TrialFailed,
     /// The gate found a worsening trend, extended the soak, and the trend continued.
     WorseningTrend,
-    /// The gate stayed inconclusive through every allowed extension.
-    Inconclusive,
 }
 
 impl Trigger {
-    pub const ALL: [Trigger; 9] = [
+    pub const ALL: [Trigger; 8] = [
         Trigger::ErrorRate,
         Trigger::P95Latency,
         Trigger::CrashLoop,
@@ -113,7 +111,6 @@ impl Trigger {
         Trigger::FleetErrorRate,
         Trigger::TrialFailed,
         Trigger::WorseningTrend,
-        Trigger::Inconclusive,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -126,7 +123,6 @@ impl Trigger {
             Trigger::FleetErrorRate => "fleet_error_rate",
             Trigger::TrialFailed => "trial_failed",
             Trigger::WorseningTrend => "worsening_trend",
-            Trigger::Inconclusive => "inconclusive",
         }
     }
 

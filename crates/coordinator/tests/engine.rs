@@ -13,7 +13,7 @@ use fleet_coordinator::model::DeviceInfo;
 use fleet_coordinator::testkit::{self, Behaviour, Knobs, T0, VirtualFleet};
 use fleet_proto::DeviceId;
 use fleet_proto::device::{AppStatus, OutcomeKind, RollbackReason};
-use fleet_proto::rollout::{FailurePattern, Phase, RolloutStatus};
+use fleet_proto::rollout::{FailurePattern, Phase, RolloutStatus, Verdict};
 
 fn settings() -> Settings {
     Settings {
@@ -319,9 +319,8 @@ fn per_device_triggers_quarantine_and_roll_back_at_once() {
 }
 
 #[test]
-fn inconclusive_extends_the_soak_then_halts() {
+fn inconclusive_extends_the_soak_then_holds_for_an_operator() {
     let (mut f, _) = setup(40, Knobs::default(), &[]);
-    // The canary never reports an error rate: no evidence for a pass.
     let canary = wave_of(&f.rollout, 0);
     f.run_until(Duration::from_secs(60), |r| {
         r.waves[0].deployed == r.waves[0].sent
@@ -329,21 +328,58 @@ fn inconclusive_extends_the_soak_then_halts() {
     for d in &canary {
         f.offline.insert(d.clone(), true);
     }
-    // Silent canaries would trip "unreachable"; instead make them report nothing useful.
     for d in &canary {
         f.offline.insert(d.clone(), false);
         f.behaviour.insert(d.clone(), Behaviour::Good);
     }
-    // Ask for far more samples than a soak can bring.
+    // Ask for far more samples than a soak can bring: healthy, but never provably so.
     f.rollout.settings.gate.min_samples = 1_000_000;
-    let ok = f.run_until(Duration::from_secs(4 * 3600), |r| r.is_final());
-    assert!(ok);
-    assert_eq!(f.rollout.status, RolloutStatus::Halted);
-    assert_eq!(fired(&f), vec![Trigger::Inconclusive]);
+    f.auto_approve = false;
+    let held = f.run_until(Duration::from_secs(4 * 3600), |r| {
+        r.status == RolloutStatus::AwaitingApproval
+    });
+    assert!(held, "{:?}", f.rollout.status);
+    assert_eq!(f.rollout.phase, Phase::Canary);
+    assert!(
+        fired(&f).is_empty(),
+        "no evidence of harm, no rollback: {:?}",
+        fired(&f)
+    );
     assert_eq!(
         f.rollout.waves[0].extensions,
         f.rollout.settings.gate.max_extensions
     );
+    assert_eq!(f.rollout.waves[0].verdict, Some(Verdict::Inconclusive));
+    assert!(
+        f.rollout.last_action.contains("holding for an operator"),
+        "{}",
+        f.rollout.last_action
+    );
+    assert!(
+        f.rollout.next_action.contains("fleetctl rollout approve"),
+        "{}",
+        f.rollout.next_action
+    );
+    assert_eq!(f.rollout.blockers.len(), 1, "{:?}", f.rollout.blockers);
+    // Held, not forgotten: wave 1 waits for a person.
+    let waited = f.run_until(Duration::from_secs(3600), |r| {
+        r.waves[1].started_at.is_some()
+    });
+    assert!(!waited, "wave 1 started without an operator");
+    let now = f.now;
+    let actions = fleet_coordinator::engine::step_in_place(
+        &mut f.rollout,
+        &Event::Operator {
+            operator: "alice".into(),
+            command: OperatorCommand::Approve,
+        },
+        now,
+    );
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::Audit { outcome, .. } if outcome.contains("approved past the inconclusive canary gate"))),
+        "{actions:?}"
+    );
+    assert!(f.rollout.waves[1].started_at.is_some());
 }
 
 #[test]
