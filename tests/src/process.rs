@@ -68,14 +68,68 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A port that was free on 127.0.0.1 a moment ago (bind to port 0, read it, release it).
+/// A port on 127.0.0.1 that was free a moment ago, reserved for this test process.
+///
+/// A test picks ports before the processes that listen on them start, and restarts servers on
+/// the same port (an app between crashes, a broker between `stop` and `start_again`). A port
+/// from the kernel's ephemeral range (what binding port 0 gives) can be taken in such a gap
+/// as the local port of any outgoing connection (a health probe, an MQTT client), and the
+/// server then fails with "address in use". So ports come from just below the ephemeral range
+/// (`/proc/sys/net/ipv4/ip_local_port_range`), and a lock file per port under the temporary
+/// directory, held until this process exits, keeps the test processes nextest runs in
+/// parallel from picking the same one. Without room below the range: port 0 as before.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .expect("binding 127.0.0.1:0 cannot fail on a working loopback");
-    listener
-        .local_addr()
-        .expect("a bound socket has a local address")
-        .port()
+    reserve_port().unwrap_or_else(|| {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .expect("binding 127.0.0.1:0 cannot fail on a working loopback");
+        listener
+            .local_addr()
+            .expect("a bound socket has a local address")
+            .port()
+    })
+}
+
+/// Ports tried below the ephemeral range.
+const RESERVED_PORTS: u16 = 10_000;
+
+fn reserve_port() -> Option<u16> {
+    static HELD: std::sync::Mutex<Vec<File>> = std::sync::Mutex::new(Vec::new());
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let ephemeral_low: u16 = range.split_whitespace().next()?.parse().ok()?;
+    let low = ephemeral_low.checked_sub(RESERVED_PORTS)?.max(1024);
+    let span = u32::from(ephemeral_low - low);
+    if span < 100 {
+        return None;
+    }
+    let dir = std::env::temp_dir().join("fleet-e2e-ports");
+    fs::create_dir_all(&dir).ok()?;
+    // Spread the processes over the range: start from the pid and the clock, then walk.
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    let start = seed.wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 7919);
+    for i in 0..span {
+        let port = low + u16::try_from((start.wrapping_add(i)) % span).ok()?;
+        let Ok(lock) = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("{port}.lock")))
+        else {
+            continue;
+        };
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: flock(2) on a descriptor this function owns; no memory is involved.
+        let locked = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        if locked && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            // The lock lives as long as the process: a test's ports stay its own.
+            HELD.lock().unwrap_or_else(|e| e.into_inner()).push(lock);
+            return Some(port);
+        }
+    }
+    None
 }
 
 /// Polls `cond` until it holds; panics after `timeout` with `what` in the message.
@@ -498,6 +552,21 @@ mod tests {
         assert!(!re.matches("INFO listening on [::1]:4000"));
         assert_eq!(sub.to_string(), "\"listening on\"");
         assert_eq!(re.to_string(), r"/listening on 127\.0\.0\.1:\d+$/");
+    }
+
+    #[test]
+    fn free_ports_are_distinct_bindable_and_below_the_ephemeral_range() {
+        let ports: Vec<u16> = (0..50).map(|_| free_port()).collect();
+        let mut unique = ports.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), ports.len(), "{ports:?}");
+        let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+        let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+        for p in ports {
+            assert!(p < low, "{p} is in the ephemeral range (from {low})");
+            TcpListener::bind((Ipv4Addr::LOCALHOST, p)).unwrap();
+        }
     }
 
     #[test]
