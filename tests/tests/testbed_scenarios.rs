@@ -576,14 +576,14 @@ fn good_rollout_then_a_crash_loop_rolled_back_through_systemd() {
     // back at zero for the restored version.
     let restarts_after = n_restarts(canary, APP_UNIT);
     let halted = site.wait_status(&r2, RolloutStatus::Halted);
-    // Which trigger wins is a race the coordinator decides: the agent's RolledBack report
-    // (`trial_failed`, the device quarantined) or a heartbeat that found the app down between
-    // two systemd restarts (`unreachable`). Either way the canary wave is rolled back.
+    // Which trigger fires first is a race the coordinator decides, all three correct: the
+    // agent's RolledBack report (`trial_failed`), a heartbeat whose restart count crossed the
+    // manifest's limit (`crash_loop`), or one that found the app down between two systemd
+    // restarts (`unreachable`). Either way the canary wave is rolled back.
     assert!(
-        halted
-            .blockers
-            .iter()
-            .any(|b| b.contains("trial_failed") || b.contains("unreachable")),
+        halted.blockers.iter().any(|b| {
+            b.contains("trial_failed") || b.contains("crash_loop") || b.contains("unreachable")
+        }),
         "{halted:?}"
     );
     assert_eq!(halted.deployed_count, 0, "{halted:?}");
