@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::fleet::http_get;
+use fleet_proto::operator::{AuditEntry, DeviceStatus, DeviceView};
+use fleet_proto::rollout::RolloutState;
+
+use crate::fleet::{Coordinator, http_get};
 use crate::process::{Child, binary, free_port, wait_for};
 
 /// Who a device is: what its agent reports as facts and what releases are matched against.
@@ -273,6 +276,69 @@ impl Agent {
                 self.tails(30)
             );
         }
+    }
+}
+
+/// What the coordinator knows about devices and rollouts, read from its HTTP API
+/// (`/api/v1/…`, the same types `fleetctl … --json` prints). Cheap enough to poll.
+impl Coordinator {
+    /// `GET path` parsed as JSON; `None` when nothing answers or the answer is not a 200 with
+    /// a `T`.
+    pub fn api<T: serde::de::DeserializeOwned>(&self, path: &str) -> Option<T> {
+        let (code, body) = http_get(self.http_port, path)?;
+        if code != 200 {
+            return None;
+        }
+        serde_json::from_str(&body).ok()
+    }
+
+    /// The registry (empty when the coordinator does not answer).
+    pub fn devices(&self) -> Vec<DeviceView> {
+        self.api("/api/v1/devices").unwrap_or_default()
+    }
+
+    /// One device's registry entry: what it last reported, as the coordinator sees it.
+    pub fn device(&self, id: &str) -> Option<DeviceView> {
+        self.devices().into_iter().find(|d| d.id.as_str() == id)
+    }
+
+    /// Every rollout's state block, newest first (refreshed every engine tick).
+    pub fn rollouts(&self) -> Vec<RolloutState> {
+        self.api("/api/v1/rollouts").unwrap_or_default()
+    }
+
+    pub fn rollout(&self, id: &str) -> Option<RolloutState> {
+        self.rollouts()
+            .into_iter()
+            .find(|r| r.rollout.as_str() == id)
+    }
+
+    /// The audit trail of one device, oldest first.
+    pub fn device_audit(&self, id: &str) -> Vec<AuditEntry> {
+        self.api(&format!("/api/v1/audit?device={id}"))
+            .unwrap_or_default()
+    }
+}
+
+impl Agent {
+    /// This device's registry entry at `coordinator`.
+    pub fn registry_entry(&self, coordinator: &Coordinator) -> Option<DeviceView> {
+        coordinator.device(&self.spec.id)
+    }
+
+    /// Waits until the coordinator's registry shows this device with `status`.
+    #[track_caller]
+    pub fn wait_registry_status(
+        &self,
+        coordinator: &Coordinator,
+        status: DeviceStatus,
+        timeout: Duration,
+    ) -> DeviceView {
+        let what = format!("{} to be {status:?} in the registry", self.spec.id);
+        wait_for(timeout, &what, || {
+            self.registry_entry(coordinator)
+                .filter(|d| d.status == status)
+        })
     }
 }
 

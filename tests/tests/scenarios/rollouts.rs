@@ -120,6 +120,18 @@ pub fn good_rollout(kind: BrokerKind) {
             .count();
         assert_eq!(commits, 1, "{dev} committed 2.0.0 once: {audit:#?}");
     }
+
+    // The harness itself: dropping the agents' guards kills every agent and, with it, its
+    // app (nothing outlives a test).
+    let ports: Vec<u16> = site.agents.iter().map(|a| a.app_port()).collect();
+    let mut site = site;
+    site.agents.clear();
+    for port in ports {
+        let what = format!("the app on port {port} dies with its agent");
+        fleet_e2e::wait_until(DEVICE_TIMEOUT, &what, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+        });
+    }
 }
 
 /// Bad canary: a release that exits at start on every device. The agents' watchdogs roll the
@@ -177,17 +189,18 @@ pub fn bad_canary(kind: BrokerKind) {
             assert_ne!(d.status, DeviceStatus::Quarantined, "{d:?}");
         }
     }
-    // Failed canary devices are quarantined (excluded until an operator releases them).
-    let quarantined: Vec<&DeviceView> = devices
-        .iter()
-        .filter(|d| d.status == DeviceStatus::Quarantined)
-        .collect();
-    assert!(!quarantined.is_empty(), "{devices:#?}");
-    for d in &quarantined {
-        assert!(canary.contains(&d.id.to_string()), "{d:?}");
+    // Every canary device failed its trial and is quarantined (excluded until an operator
+    // releases it), also those whose watchdog's verdict came after the halt.
+    for dev in &canary {
+        let d = site.wait_device_status(dev, DeviceStatus::Quarantined);
         let reason = d.quarantine_reason.as_deref().unwrap_or_default();
-        assert!(reason.contains("exited at start"), "{reason}");
+        assert!(reason.contains("exited at start"), "{dev}: {reason}");
     }
+    let quarantined: Vec<DeviceView> = site
+        .ctl
+        .run(&["devices", "--status", "quarantined", "--json"])
+        .json();
+    assert_eq!(quarantined.len(), canary.len(), "{quarantined:#?}");
 
     let report = site.report(&id);
     assert_eq!(report.status, RolloutStatus::Halted);

@@ -209,24 +209,16 @@ impl Site {
 
     /// The registry through the coordinator's HTTP API (cheap enough to poll).
     pub fn devices(&self) -> Vec<DeviceView> {
-        self.api("/api/v1/devices").unwrap_or_default()
+        self.coordinator.devices()
     }
 
     pub fn device(&self, id: &str) -> Option<DeviceView> {
-        self.devices().into_iter().find(|d| d.id.as_str() == id)
+        self.coordinator.device(id)
     }
 
     /// The registry as the operator sees it: `fleetctl devices --json`.
     pub fn ctl_devices(&self) -> Vec<DeviceView> {
         self.ctl.run(&["devices", "--json"]).json()
-    }
-
-    fn api<T: serde::de::DeserializeOwned>(&self, path: &str) -> Option<T> {
-        let (code, body) = http_get(self.coordinator.http_port, path)?;
-        if code != 200 {
-            return None;
-        }
-        serde_json::from_str(&body).ok()
     }
 
     /// Waits until the registry has every device of [`FLEET`] online with its facts and a
@@ -247,12 +239,10 @@ impl Site {
     }
 
     /// Waits until the registry shows `id` with `status`.
+    #[track_caller]
     pub fn wait_device_status(&self, id: &str, status: DeviceStatus) -> DeviceView {
-        wait_for(
-            DEVICE_TIMEOUT,
-            &format!("{id} to be {status:?} in the registry"),
-            || self.device(id).filter(|d| d.status == status),
-        )
+        self.agent(id)
+            .wait_registry_status(&self.coordinator, status, DEVICE_TIMEOUT)
     }
 
     /// `fleetctl rollout start MANIFEST --json`: the new rollout's id.
@@ -266,9 +256,7 @@ impl Site {
 
     /// The rollout's state block from the coordinator's HTTP API (refreshed every tick).
     pub fn rollout(&self, id: &str) -> Option<RolloutState> {
-        self.api::<Vec<RolloutState>>("/api/v1/rollouts")?
-            .into_iter()
-            .find(|r| r.rollout.as_str() == id)
+        self.coordinator.rollout(id)
     }
 
     /// Waits until the rollout's state satisfies `pred`.
@@ -322,8 +310,8 @@ impl Site {
             .collect()
     }
 
-    /// The devices of the canary of a rollout, from the audit trail ("start canary" lists
-    /// nothing, so from the plan): the devices the coordinator published the release to first.
+    /// The canary `fleetctl plan` shows for a manifest (the plan is deterministic: the same
+    /// registry gives the same canary at `rollout start`).
     pub fn canary(&self, manifest: &std::path::Path) -> Vec<String> {
         let plan: fleet_proto::operator::Plan =
             self.ctl.run(&["plan", path(manifest), "--json"]).json();
