@@ -114,6 +114,10 @@ struct Driver {
     system: SystemProbe,
     started: Instant,
     last_app: AppHealth,
+    /// The app's request counter at the latest health reading, and at the latest heartbeat:
+    /// a heartbeat reports the difference, the evidence behind its error rate.
+    app_requests: Option<u64>,
+    reported_requests: Option<u64>,
     /// Frames on the desired topic that did not decode.
     decode_errors: u64,
     notifier: Option<Notifier>,
@@ -238,7 +242,10 @@ impl Driver {
                 restarts_in_window: 0,
                 restarts_total: 0,
                 probe_ok: None,
+                requests: None,
             },
+            app_requests: None,
+            reported_requests: None,
             decode_errors: 0,
             notifier: options.notifier,
             booting: false,
@@ -682,8 +689,9 @@ impl Driver {
         let st = self.runtime.status(window).await;
         let (health, error_rate, p95) = if st.running {
             let endpoint = with_port(&release.health.endpoint, self.cfg.app.port);
-            let (a, e, p) = health::probe_health(&endpoint, timeout).await;
-            (Some(a), e, p)
+            let reading = health::probe_health(&endpoint, timeout).await;
+            self.app_requests = reading.requests_total.or(self.app_requests);
+            (Some(reading.answer), reading.error_rate, reading.p95_ms)
         } else {
             (None, None, None)
         };
@@ -721,6 +729,7 @@ impl Driver {
             restarts_in_window: st.restarts_in_window,
             restarts_total: st.restarts_total,
             probe_ok: probe.as_ref().map(|r| r.is_ok()),
+            requests: None,
         };
         Sample {
             running: st.running,
@@ -778,8 +787,12 @@ impl Driver {
             active_version: self.state.running().map(|c| c.installed.version.clone()),
             rollout: self.state.phase.job().and_then(|j| j.rollout.clone()),
             system,
-            app: self.last_app.clone(),
+            app: AppHealth {
+                requests: health::requests_since(self.reported_requests, self.app_requests),
+                ..self.last_app.clone()
+            },
         };
+        self.reported_requests = self.app_requests;
         self.link.publish_qos0(
             Topic::Heartbeat(self.ctx.device.clone()).to_string(),
             encode(&hb),

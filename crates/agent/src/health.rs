@@ -89,47 +89,72 @@ pub fn with_port(text: &str, port: u16) -> String {
     text.replace("{port}", &port.to_string())
 }
 
-/// Asks the health endpoint. A body that is not the health document counts as no answer.
-pub async fn probe_health(
-    endpoint: &str,
-    timeout: Duration,
-) -> (HealthAnswer, Option<f32>, Option<f32>) {
-    match http_get(endpoint, timeout).await {
-        Ok((_, body)) => parse_health(&body),
-        Err(e) => {
-            tracing::debug!("{e}");
-            (HealthAnswer::NoAnswer, None, None)
+/// What one look at the health endpoint found.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reading {
+    pub answer: HealthAnswer,
+    pub error_rate: Option<f32>,
+    pub p95_ms: Option<f32>,
+    /// The app's own count of requests handled since it started.
+    pub requests_total: Option<u64>,
+}
+
+impl Reading {
+    fn no_answer() -> Reading {
+        Reading {
+            answer: HealthAnswer::NoAnswer,
+            error_rate: None,
+            p95_ms: None,
+            requests_total: None,
         }
     }
 }
 
-/// `{"status":…,"version":…,"metrics":{"error_rate":…,"p95_ms":…}}` → answer, error rate, p95.
-pub fn parse_health(body: &[u8]) -> (HealthAnswer, Option<f32>, Option<f32>) {
+/// Asks the health endpoint. A body that is not the health document counts as no answer.
+pub async fn probe_health(endpoint: &str, timeout: Duration) -> Reading {
+    match http_get(endpoint, timeout).await {
+        Ok((_, body)) => parse_health(&body),
+        Err(e) => {
+            tracing::debug!("{e}");
+            Reading::no_answer()
+        }
+    }
+}
+
+/// `{"status":…,"version":…,"metrics":{"error_rate":…,"p95_ms":…,"requests":…}}` → a reading.
+pub fn parse_health(body: &[u8]) -> Reading {
     let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return (HealthAnswer::NoAnswer, None, None);
+        return Reading::no_answer();
     };
     let status = match doc.get("status").and_then(|s| s.as_str()) {
         Some("healthy") | Some("ok") => AppStatus::Healthy,
         Some("degraded") => AppStatus::Degraded,
         Some(_) => AppStatus::Unhealthy,
-        None => return (HealthAnswer::NoAnswer, None, None),
+        None => return Reading::no_answer(),
     };
     let version = doc
         .get("version")
         .and_then(|v| v.as_str())
         .unwrap_or("")
         .to_owned();
-    let metric = |k: &str| {
-        doc.get("metrics")
-            .and_then(|m| m.get(k))
+    let metric = |k: &str| doc.get("metrics").and_then(|m| m.get(k));
+    Reading {
+        answer: HealthAnswer::Answered { status, version },
+        error_rate: metric("error_rate")
             .and_then(|v| v.as_f64())
-            .map(|v| v as f32)
-    };
-    (
-        HealthAnswer::Answered { status, version },
-        metric("error_rate"),
-        metric("p95_ms"),
-    )
+            .map(|v| v as f32),
+        p95_ms: metric("p95_ms").and_then(|v| v.as_f64()).map(|v| v as f32),
+        requests_total: metric("requests").and_then(|v| v.as_u64()),
+    }
+}
+
+/// Requests handled between two readings of the app's counter; a counter that went down means
+/// the app restarted, and everything it counted since is new.
+pub fn requests_since(previous: Option<u64>, now: Option<u64>) -> Option<u64> {
+    match (previous, now) {
+        (Some(before), Some(now)) if now >= before => Some(now - before),
+        (_, now) => now,
+    }
 }
 
 /// Runs the functional probe: the output's sha256 must match and it must come within the
@@ -286,22 +311,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn requests_between_readings() {
+        assert_eq!(requests_since(Some(100), Some(160)), Some(60));
+        assert_eq!(requests_since(None, Some(40)), Some(40));
+        assert_eq!(
+            requests_since(Some(500), Some(30)),
+            Some(30),
+            "the app restarted"
+        );
+        assert_eq!(requests_since(Some(5), None), None);
+    }
+
+    #[test]
     fn parses_the_health_document() {
         let body = br#"{"status":"degraded","version":"1.2.3","checks":{},"metrics":{"error_rate":0.1000,"p95_ms":2.500,"requests":100}}"#;
         assert_eq!(
             parse_health(body),
-            (
-                HealthAnswer::Answered {
+            Reading {
+                answer: HealthAnswer::Answered {
                     status: AppStatus::Degraded,
                     version: "1.2.3".into()
                 },
-                Some(0.1),
-                Some(2.5)
-            )
+                error_rate: Some(0.1),
+                p95_ms: Some(2.5),
+                requests_total: Some(100),
+            }
         );
-        assert_eq!(parse_health(b"OK").0, HealthAnswer::NoAnswer);
+        assert_eq!(parse_health(b"OK").answer, HealthAnswer::NoAnswer);
         assert_eq!(
-            parse_health(br#"{"status":"unhealthy","version":"x"}"#).0,
+            parse_health(br#"{"status":"unhealthy","version":"x"}"#).answer,
             HealthAnswer::Answered {
                 status: AppStatus::Unhealthy,
                 version: "x".into()

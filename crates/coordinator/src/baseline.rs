@@ -20,6 +20,9 @@ pub struct Sample {
     pub memory_pct: f64,
     pub restarts_in_window: u32,
     pub probe_ok: Option<bool>,
+    /// Requests behind `error_rate`, when the device reports them.
+    #[serde(default)]
+    pub requests: Option<u64>,
 }
 
 impl Sample {
@@ -41,7 +44,16 @@ impl Sample {
             memory_pct: hb.system.memory_pct(),
             restarts_in_window: hb.app.restarts_in_window,
             probe_ok: hb.app.probe_ok,
+            requests: hb.app.requests,
         }
+    }
+
+    /// How many requests this sample's error rate stands for, from 1 to `cap`. Requests on
+    /// one device within one report interval are not independent (one bad sensor fails them
+    /// all), so no single report may weigh more than `cap`.
+    pub fn weight(&self, cap: f64) -> f64 {
+        self.requests
+            .map_or(1.0, |r| (r as f64).clamp(1.0, cap.max(1.0)))
     }
 
     /// The health endpoint did not answer, or the application is not running.
@@ -56,8 +68,14 @@ impl Sample {
 pub struct Agg {
     /// Samples of any kind.
     pub n: u64,
+    /// Samples that carried an error rate.
     pub n_err: u64,
-    pub sum_err: f64,
+    /// The evidence behind the error rate: the samples' weights (requests, capped), summed.
+    #[serde(default)]
+    pub w_err: f64,
+    /// Σ error rate × weight.
+    #[serde(default)]
+    pub sum_err_w: f64,
     pub n_p95: u64,
     pub sum_p95: f64,
     pub sum_cpu: f64,
@@ -67,13 +85,17 @@ pub struct Agg {
 }
 
 impl Agg {
-    pub fn add(&mut self, s: &Sample, alpha: f64) {
+    /// Adds a sample; its error rate weighs the requests behind it, at most `cap` (1 weighs
+    /// every sample alike).
+    pub fn add(&mut self, s: &Sample, alpha: f64, cap: f64) {
         self.n += 1;
         self.sum_cpu += s.cpu_pct;
         self.sum_mem += s.memory_pct;
         if let Some(e) = s.error_rate {
+            let w = s.weight(cap);
             self.n_err += 1;
-            self.sum_err += e;
+            self.w_err += w;
+            self.sum_err_w += e * w;
             self.ewma_err = Some(match self.ewma_err {
                 None => e,
                 Some(prev) => prev + alpha * (e - prev),
@@ -90,7 +112,7 @@ impl Agg {
     }
 
     pub fn error_rate(&self) -> Option<f64> {
-        (self.n_err > 0).then(|| self.sum_err / self.n_err as f64)
+        (self.w_err > 0.0).then(|| self.sum_err_w / self.w_err)
     }
 
     pub fn p95_ms(&self) -> Option<f64> {
@@ -122,7 +144,8 @@ impl Baseline {
     pub fn capture<'a>(samples: impl IntoIterator<Item = &'a Sample>) -> Baseline {
         let mut agg = Agg::default();
         for s in samples {
-            agg.add(s, 1.0);
+            // One vote per device: the baseline is the typical device, not the busiest.
+            agg.add(s, 1.0, 1.0);
         }
         Baseline {
             devices: agg.n,
@@ -148,7 +171,33 @@ mod tests {
             memory_pct: 50.0,
             restarts_in_window: 0,
             probe_ok: None,
+            requests: None,
         }
+    }
+
+    #[test]
+    fn a_sample_weighs_the_requests_behind_it_up_to_the_cap() {
+        let mut busy = sample(0.5, 100.0);
+        busy.requests = Some(1000);
+        let mut idle = sample(0.0, 100.0);
+        idle.requests = Some(0);
+        assert_eq!(busy.weight(100.0), 100.0);
+        assert_eq!(
+            idle.weight(100.0),
+            1.0,
+            "no requests still counts as one observation"
+        );
+        assert_eq!(
+            sample(0.1, 1.0).weight(100.0),
+            1.0,
+            "no counter: one observation"
+        );
+        let mut a = Agg::default();
+        a.add(&busy, 0.2, 100.0);
+        a.add(&idle, 0.2, 100.0);
+        assert_eq!(a.n_err, 2);
+        assert_eq!(a.w_err, 101.0);
+        assert!((a.error_rate().unwrap() - 50.0 / 101.0).abs() < 1e-12);
     }
 
     #[test]
@@ -164,7 +213,7 @@ mod tests {
     fn ewma_follows_the_recent_direction() {
         let mut a = Agg::default();
         for e in [0.0, 0.0, 0.1, 0.2, 0.3] {
-            a.add(&sample(e, 100.0), 0.5);
+            a.add(&sample(e, 100.0), 0.5, 1.0);
         }
         assert!(a.ewma_err.unwrap() > a.error_rate().unwrap());
     }

@@ -95,6 +95,7 @@ struct GateSettingsRaw {
     ewma_alpha: f64,
     max_extensions: u32,
     p95_floor_ms: f64,
+    max_requests_per_sample: f64,
 }
 
 /// Where the MQTT broker is.
@@ -381,6 +382,7 @@ impl Config {
                     ewma_alpha: g.ewma_alpha,
                     max_extensions: g.max_extensions,
                     p95_floor_ms: g.p95_floor_ms.max(0.0),
+                    max_requests_per_sample: g.max_requests_per_sample.max(1.0),
                 },
             },
         })

@@ -776,11 +776,12 @@ impl Rollout {
         }
         let runs_release = s.version.as_deref() == Some(self.release_version());
         let alpha = self.settings.gate.ewma_alpha;
+        let cap = self.settings.gate.max_requests_per_sample;
         match state {
-            DevState::Pending if !runs_release => self.control.add(s, alpha),
+            DevState::Pending if !runs_release => self.control.add(s, alpha, cap),
             DevState::Deployed | DevState::Sent if runs_release => {
-                self.waves[wave].agg.add(s, alpha);
-                self.fleet.add(s, alpha);
+                self.waves[wave].agg.add(s, alpha, cap);
+                self.fleet.add(s, alpha, cap);
             }
             _ => {}
         }

@@ -31,6 +31,10 @@ fn default_p95_floor_ms() -> f64 {
     10.0
 }
 
+fn default_max_requests_per_sample() -> f64 {
+    100.0
+}
+
 /// Gate tuning that is not part of a release's thresholds: how much evidence is enough.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GateSettings {
@@ -49,6 +53,9 @@ pub struct GateSettings {
     pub ewma_alpha: f64,
     /// How many times an inconclusive gate may extend its soak before it counts as failed.
     pub max_extensions: u32,
+    /// The most requests one report's error rate may stand for (see `Sample::weight`).
+    #[serde(default = "default_max_requests_per_sample")]
+    pub max_requests_per_sample: f64,
     /// A p95 regression must also exceed the reference by this much, in milliseconds.
     /// Defaulted when absent so rollouts persisted before it existed still load.
     #[serde(default = "default_p95_floor_ms")]
@@ -65,18 +72,27 @@ impl Default for GateSettings {
             trend_fraction: 0.5,
             ewma_alpha: 0.2,
             max_extensions: 3,
+            max_requests_per_sample: default_max_requests_per_sample(),
             p95_floor_ms: default_p95_floor_ms(),
         }
     }
 }
 
+/// `12 samples, 2,400 requests`: the evidence behind an error rate, for messages.
+fn evidence(a: &Agg) -> String {
+    if a.w_err > a.n_err as f64 {
+        format!("{} samples, {:.0} requests", a.n_err, a.w_err)
+    } else {
+        format!("{} samples", a.n_err)
+    }
+}
+
 /// Wilson score interval for a proportion `p` observed over `n` trials, with quantile `z`.
 /// Returns `(lower, upper)`; `(0, 1)` without observations.
-pub fn wilson(p: f64, n: u64, z: f64) -> (f64, f64) {
-    if n == 0 {
+pub fn wilson(p: f64, n: f64, z: f64) -> (f64, f64) {
+    if n <= 0.0 {
         return (0.0, 1.0);
     }
-    let n = n as f64;
     let p = p.clamp(0.0, 1.0);
     let z2 = z * z;
     let denom = 1.0 + z2 / n;
@@ -184,19 +200,19 @@ pub fn breach(
     if wave.n_err >= s.min_fail_samples
         && let Some(mean) = wave.error_rate()
     {
-        let (lo, _) = wilson(mean, wave.n_err, s.z);
+        let (lo, _) = wilson(mean, wave.w_err, s.z);
         if pts(lo - r.error_rate) > t.error_rate_pts {
             return Some(Breach {
                 trigger: Trigger::ErrorRate,
                 detail: format!(
-                    "error rate {:.1} % (lower bound {:.1} %) is {:.1} pts above the {} {:.1} % (limit +{} pts, {} samples)",
+                    "error rate {:.1} % (lower bound {:.1} %) is {:.1} pts above the {} {:.1} % (limit +{} pts, {})",
                     pts(mean),
                     pts(lo),
                     pts(lo - r.error_rate),
                     r.source,
                     pts(r.error_rate),
                     t.error_rate_pts,
-                    wave.n_err
+                    evidence(wave)
                 ),
             });
         }
@@ -239,7 +255,7 @@ pub fn fleet_breach(all: &Agg, r: &Reference, t: &Thresholds, s: &GateSettings) 
         return None;
     }
     let mean = all.error_rate()?;
-    let (lo, _) = wilson(mean, all.n_err, s.z);
+    let (lo, _) = wilson(mean, all.w_err, s.z);
     (pts(lo - r.error_rate) > t.fleet_error_rate_pts).then(|| Breach {
         trigger: Trigger::FleetErrorRate,
         detail: format!(
@@ -339,15 +355,15 @@ pub fn verdict(
         );
     }
     if let Some(mean) = wave.error_rate() {
-        let (_, hi) = wilson(mean, wave.n_err, s.z);
+        let (_, hi) = wilson(mean, wave.w_err, s.z);
         if pts(hi - r.error_rate) > t.error_rate_pts {
             return (
                 GateVerdict::Inconclusive,
                 format!(
-                    "error rate {:.1} % could still be up to {:.1} % ({} samples; limit {} + {} pts)",
+                    "error rate {:.1} % could still be up to {:.1} % ({}; limit {} + {} pts)",
                     pts(mean),
                     pts(hi),
-                    wave.n_err,
+                    evidence(wave),
                     r.source,
                     t.error_rate_pts
                 ),
@@ -399,14 +415,14 @@ mod tests {
     #[test]
     fn wilson_matches_known_values() {
         // p = 0.5, n = 100, z = 1.96: the textbook interval is about 0.404–0.596.
-        let (lo, hi) = wilson(0.5, 100, 1.96);
+        let (lo, hi) = wilson(0.5, 100.0, 1.96);
         assert!((lo - 0.4038).abs() < 1e-3, "{lo}");
         assert!((hi - 0.5962).abs() < 1e-3, "{hi}");
         // Zero observed errors still leaves an upper bound above zero.
-        let (lo, hi) = wilson(0.0, 10, 1.645);
+        let (lo, hi) = wilson(0.0, 10.0, 1.645);
         assert_eq!(lo, 0.0);
         assert!(hi > 0.2 && hi < 0.22, "{hi}");
-        assert_eq!(wilson(0.3, 0, 1.645), (0.0, 1.0));
+        assert_eq!(wilson(0.3, 0.0, 1.645), (0.0, 1.0));
     }
 
     fn agg(errs: &[f64]) -> Agg {
@@ -422,8 +438,10 @@ mod tests {
                     memory_pct: 10.0,
                     restarts_in_window: 0,
                     probe_ok: None,
+                    requests: None,
                 },
                 0.2,
+                100.0,
             );
         }
         a
@@ -465,8 +483,10 @@ mod tests {
                     memory_pct: 10.0,
                     restarts_in_window: 0,
                     probe_ok: None,
+                    requests: None,
                 },
                 0.2,
+                100.0,
             );
         }
         a

@@ -38,7 +38,7 @@ pub fn build(r: &Rollout, now: UnixMillis) -> Report {
         if a.state == DevState::Deployed
             && let Some(s) = &a.latest
         {
-            current.add(s, 1.0);
+            current.add(s, 1.0, 1.0);
         }
     }
     let metric = |name: &str, base: Option<f64>, cur: Option<f64>| MetricDelta {

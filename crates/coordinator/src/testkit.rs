@@ -153,6 +153,9 @@ pub fn healthy(version: &str, error_rate: f64) -> Sample {
         memory_pct: 40.0,
         restarts_in_window: 0,
         probe_ok: Some(true),
+        // Virtual devices report no request counts: each sample is one observation, the
+        // most conservative weighting.
+        requests: None,
     }
 }
 

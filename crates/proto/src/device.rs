@@ -180,6 +180,9 @@ pub struct AppHealth {
     pub restarts_total: u32,
     /// Result of the latest functional probe, if one is configured.
     pub probe_ok: Option<bool>,
+    /// Requests the app handled since the previous heartbeat, by its own counter: how much
+    /// evidence `error_rate` carries. `None` when the app does not count them.
+    pub requests: Option<u64>,
 }
 
 /// `devices/{id}/heartbeat`: liveness and health, every report interval.

@@ -39,6 +39,7 @@ fn heartbeat() -> Heartbeat {
             restarts_in_window: 0,
             restarts_total: 1,
             probe_ok: Some(true),
+            requests: Some(200),
         },
     }
 }

@@ -230,9 +230,10 @@ fn heartbeat() -> impl Strategy<Value = Heartbeat> {
         any::<u32>(),
         any::<u32>(),
         proptest::option::of(any::<bool>()),
+        proptest::option::of(any::<u64>()),
     )
         .prop_map(
-            |(status, version, error_rate, p95_ms, w, t, probe_ok)| AppHealth {
+            |(status, version, error_rate, p95_ms, w, t, probe_ok, requests)| AppHealth {
                 status,
                 version,
                 error_rate,
@@ -240,6 +241,7 @@ fn heartbeat() -> impl Strategy<Value = Heartbeat> {
                 restarts_in_window: w,
                 restarts_total: t,
                 probe_ok,
+                requests,
             },
         );
     (

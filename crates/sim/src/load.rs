@@ -167,6 +167,7 @@ impl Device {
                 restarts_in_window: 0,
                 restarts_total: 0,
                 probe_ok: None,
+                requests: self.active.as_ref().map(|_| 50),
             },
         }
     }

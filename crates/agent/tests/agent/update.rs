@@ -72,6 +72,13 @@ fn good_release_commits_and_serves() {
     assert_eq!(hb.active_version.as_deref(), Some("2.0.0"));
     assert!(hb.app.p95_ms.is_some() && hb.app.error_rate.is_some());
     assert!(hb.system.memory_total_bytes > 0 && hb.system.disk_total_bytes > 0);
+    // The evidence behind the error rate: the demo app's requests since the last heartbeat
+    // (a frame every 50 ms, heartbeats every second: about twenty).
+    let counted = wait_until("a heartbeat counting the app's requests", PATIENCE, || {
+        let s = obs.seen.lock().unwrap();
+        s.last_heartbeat.as_ref().and_then(|h| h.app.requests).filter(|n| *n > 0)
+    });
+    assert!(counted < 1_000, "requests since the previous heartbeat, not since start: {counted}");
     obs.assert_no_gap();
 }
 
