@@ -99,7 +99,8 @@ impl Agent {
     /// Writes `<parent>/<id>/agent.toml` and starts the agent: its device facts from `spec`,
     /// `mqtt` as its broker, `release_key` (64 hex digits) pinned, `root/` and `state/` in its
     /// directory, a free application port, the `process` runtime and timings short enough for
-    /// tests (heartbeat 300 ms until a desired state sets one, reconnect 100 ms–1 s).
+    /// tests (heartbeat 300 ms until a desired state sets one, reconnect 100 ms–1 s; the
+    /// heartbeat's health probe keeps the default 2 s timeout, as a loaded machine needs).
     #[track_caller]
     pub fn start(parent: &Path, spec: DeviceSpec, mqtt: &MqttEndpoint, release_key: &str) -> Agent {
         let dir = parent.join(&spec.id);
@@ -436,7 +437,7 @@ hook_timeout = "10s"
 
 [reports]
 heartbeat_interval = "300ms"
-health_timeout = "500ms"
+health_timeout = "2s"
 "#,
         id = spec.id,
         device_type = spec.device_type,
