@@ -897,7 +897,7 @@ fn power_cut_in_the_middle_of_the_swap_ends_on_a_complete_version() {
 /// Scenario 4: the agent hangs (its main loop stops, watchdog pings included). The app is its
 /// own unit and keeps serving; the coordinator sees the device fall silent; systemd's watchdog
 /// (the unit's `WatchdogSec=30s`) kills the agent and `Restart=always` brings it back, and the
-/// new agent reports again.
+/// new agent reports again. Then an invalid configuration: exit 3, and no restart loop.
 #[test]
 fn a_hung_agent_is_restarted_by_the_systemd_watchdog() {
     require!(fault_points());
@@ -963,6 +963,31 @@ fn a_hung_agent_is_restarted_by_the_systemd_watchdog() {
         .find(|l| l.contains("Main process exited"))
         .unwrap_or("")
         .to_owned();
+
+    // The other half of the unit's restart policy: an agent that cannot help it (exit 3,
+    // invalid configuration) is not restarted in a loop (RestartPreventExitStatus=2 3 4).
+    device.sh_ok("echo 'unknown_key = 1' >> /etc/fleet/agent.toml");
+    assert!(
+        !device
+            .sh(&format!("systemctl restart {AGENT_UNIT}"))
+            .success()
+    );
+    assert_eq!(
+        (
+            device.unit_property(AGENT_UNIT, "ActiveState"),
+            device.unit_property(AGENT_UNIT, "SubState"),
+            device.unit_property(AGENT_UNIT, "ExecMainStatus"),
+        ),
+        ("failed".into(), "failed".into(), "3".into()),
+        "failed for good, no auto-restart pending"
+    );
+    // A manual restart starts NRestarts again from 0; no automatic one followed.
+    assert_eq!(n_restarts(device, AGENT_UNIT), 0);
+    assert!(
+        device
+            .journal(AGENT_UNIT)
+            .contains("unknown field `unknown_key`")
+    );
     visible(&format!(
         "testbed scenario tb-hang: watchdog restart {:.1}s after the hang ({ended}), reporting again after {:.1}s; \
          the app kept running; total {:.1}s",
