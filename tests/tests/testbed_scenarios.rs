@@ -294,6 +294,12 @@ impl Site {
         spec.canary_soak = "2s";
         spec.wave_soak = "2s";
         spec.trial = "deadline = \"30s\"\ngood_probes = 3\nprobe_interval = \"500ms\"";
+        // Design: the p95-latency trigger is set to +1000 %. The demo app's p95 is a few
+        // milliseconds of compute that scheduling on a loaded CI machine swings past +50 %
+        // even above the coordinator's 10 ms floor (seen in the process scenarios; here a
+        // freshly booted device halted a wave on "worsening_trend" before the floor existed).
+        // Latency gates are the coordinator's tests' business, not these scenarios'.
+        spec.extra = "\n[thresholds]\np95_latency_pct = 1000.0\n".into();
         edit(&mut spec);
         self.releases.sign(&format!("demo-{version}"), &spec)
     }
