@@ -11,6 +11,8 @@
 //! Scenarios:
 //! 1. a good rollout across three devices, then a crash-looping release that the canary's
 //!    agent rolls back on its own from the restart counts systemd reports (`NRestarts`);
+//!    1b. a release that exits at once and runs the app unit into systemd's start limit: the
+//!    rollback still brings the previous version back;
 //! 2. a device whose cable is pulled during the rollout: skipped at its wave (not failed), and
 //!    caught up once the cable is back;
 //! 3. two devices whose power is cut in the middle of their swap (held there by the
@@ -18,12 +20,13 @@
 //!    the swap every time): after booting again each ends on the complete new version and says
 //!    so;
 //! 4. a hung agent (`hang:heartbeat`): the app keeps serving, systemd's watchdog kills the
-//!    agent, and the restarted agent reports again.
+//!    agent, and the restarted agent reports again; an invalid configuration (exit 3) is not
+//!    restarted in a loop.
 //!
 //! Fault points are armed with `systemctl set-environment FLEET_AGENT_FAULT=…` followed by a
 //! restart of the agent: the manager's environment lives in memory, so the real unit file stays
-//! untouched and a power cut or the next start forgets the fault, as it would forget anything
-//! in RAM. They need an agent built with `--features fault-points` (CI builds with
+//! untouched and a power cut forgets the fault, as it forgets anything in RAM (scenario 4
+//! unsets it before the watchdog's restart). They need an agent built with `--features fault-points` (CI builds with
 //! `--all-features`); without it scenarios 3 and 4 skip visibly, or fail under
 //! `FLEET_REQUIRE_TESTBED=1`.
 #![allow(clippy::unwrap_used)]
