@@ -11,7 +11,8 @@
 #   --out      where the .deb files go [default: target/deb]
 #   PACKAGE    fleet-agent, fleet-coordinator, fleetctl [default: all three]
 #
-# Prints the path of each package built. Build the binaries first:
+# Prints the path of each package built, and of fleet-agent_VERSION_ARCH.tar.gz (the agent's files
+# with deploy/install.sh, for devices without dpkg). Build the binaries first:
 #   cargo build --release -p fleet-agent -p fleet-coordinator -p fleetctl     # amd64 (this machine)
 #   deploy/cross-build.sh aarch64-unknown-linux-gnu --release                 # arm64
 #
@@ -205,6 +206,22 @@ EOF
     local deb=$out/${pkg}_${version}_${arch}.deb
     dpkg-deb --root-owner-group -Z"${FLEET_DEB_COMPRESSION:-xz}" --build "$dir" "$deb" >/dev/null
     echo "$deb"
+    [[ $pkg == fleet-agent ]] && tarball "$dir"
+    return 0
+}
+
+# fleet-agent_VERSION_ARCH.tar.gz for devices without dpkg: the package's binary, unit and
+# config beside deploy/install.sh, which installs them the way the package does.
+tarball() {
+    local staged=$1 name=fleet-agent_${version}_${arch}
+    local dir=$scratch/tar/$name
+    install -d "$dir"
+    install -m 0755 deploy/install.sh "$dir/install.sh"
+    install -m 0755 "$staged/usr/bin/fleet-agent" "$dir/fleet-agent"
+    install -m 0644 "$staged/lib/systemd/system/fleet-agent.service" "$dir/fleet-agent.service"
+    install -m 0600 "$staged/etc/fleet/agent.toml" "$dir/agent.toml"
+    tar -C "$scratch/tar" --owner=0 --group=0 --numeric-owner -czf "$out/$name.tar.gz" "$name"
+    echo "$out/$name.tar.gz"
 }
 
 for pkg in "${packages[@]}"; do
