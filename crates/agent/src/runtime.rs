@@ -365,9 +365,14 @@ pub struct Systemd {
     base_restarts: Option<u32>,
     seen_restarts: u32,
     restarts: VecDeque<Instant>,
-    /// ExecMainStartTimestampMonotonic at start, to count exits of the main process.
+    /// Exits of the main process seen since the last `start`.
     exits: u32,
     last_main_pid: Option<u32>,
+    /// ExecMainStartTimestampMonotonic of the run that was there when `start` asked for the
+    /// restart. With --no-block the restart happens after `start` returns, and an app that
+    /// takes its time to stop is still that old run for a while: observations of it say
+    /// nothing about the new one and are left out.
+    previous_run: Option<u64>,
 }
 
 /// The properties `systemctl show` reports that the runtime reads.
@@ -378,9 +383,12 @@ pub struct UnitState {
     pub n_restarts: u32,
     pub exec_main_status: Option<i32>,
     pub exec_main_pid: u32,
+    /// When the current (or last) main process started, CLOCK_MONOTONIC µs; 0 = never.
+    pub exec_main_started: u64,
 }
 
-pub const SHOW_PROPERTIES: &str = "ActiveState,SubState,NRestarts,ExecMainStatus,ExecMainPID";
+pub const SHOW_PROPERTIES: &str =
+    "ActiveState,SubState,NRestarts,ExecMainStatus,ExecMainPID,ExecMainStartTimestampMonotonic";
 
 /// Parses `systemctl show -p …` output (`Key=Value` lines).
 pub fn parse_show(text: &str) -> UnitState {
@@ -395,6 +403,7 @@ pub fn parse_show(text: &str) -> UnitState {
             "NRestarts" => u.n_restarts = v.parse().unwrap_or(0),
             "ExecMainStatus" => u.exec_main_status = v.parse().ok(),
             "ExecMainPID" => u.exec_main_pid = v.parse().unwrap_or(0),
+            "ExecMainStartTimestampMonotonic" => u.exec_main_started = v.parse().unwrap_or(0),
             _ => {}
         }
     }
@@ -450,6 +459,7 @@ impl Systemd {
             restarts: VecDeque::new(),
             exits: 0,
             last_main_pid: None,
+            previous_run: None,
         }
     }
 
@@ -514,10 +524,20 @@ impl Systemd {
         self.restarts.clear();
         self.exits = 0;
         self.last_main_pid = None;
+        self.previous_run = None;
+    }
+
+    /// Whether `u` describes a run started since the last `start` asked for one.
+    fn is_current(&self, u: &UnitState) -> bool {
+        self.previous_run
+            .is_none_or(|previous| u.exec_main_started > previous)
     }
 
     /// Folds one `systemctl show` observation into the counters.
     pub fn observe(&mut self, u: &UnitState, now: Instant) {
+        if !self.is_current(u) {
+            return;
+        }
         let base = *self.base_restarts.get_or_insert(u.n_restarts);
         let total = u.n_restarts.saturating_sub(base);
         while self.seen_restarts < total {
@@ -564,8 +584,16 @@ impl Runtime for Systemd {
         if let Err(e) = self.systemctl("reset-failed").await {
             tracing::debug!("{e}");
         }
+        let previous = match self.systemctl("show").await {
+            Ok(text) => parse_show(&text).exec_main_started,
+            Err(e) => {
+                tracing::warn!("{e}");
+                0
+            }
+        };
         self.systemctl("restart").await?;
         self.reset_counters();
+        self.previous_run = Some(previous);
         Ok(())
     }
 
@@ -603,10 +631,11 @@ impl Runtime for Systemd {
         };
         let now = Instant::now();
         self.observe(&u, now);
+        let current = self.is_current(&u);
         Status {
-            running: u.active_state == "active" && u.sub_state == "running",
+            running: current && u.active_state == "active" && u.sub_state == "running",
             exits: self.exits,
-            last_exit_code: u.exec_main_status,
+            last_exit_code: if current { u.exec_main_status } else { None },
             restarts_total: self.seen_restarts,
             restarts_in_window: self
                 .restarts
@@ -674,7 +703,12 @@ mod tests {
                 n_restarts: 4,
                 exec_main_status: Some(3),
                 exec_main_pid: 0,
+                exec_main_started: 0,
             }
+        );
+        assert_eq!(
+            parse_show("ExecMainStartTimestampMonotonic=5004227113\n").exec_main_started,
+            5_004_227_113
         );
         assert_eq!(parse_show(""), UnitState::default());
     }
@@ -715,6 +749,7 @@ mod tests {
             n_restarts: n,
             exec_main_status: Some(0),
             exec_main_pid: pid,
+            exec_main_started: u64::from(pid),
         };
         s.observe(&u(5, 10), t0);
         assert_eq!((s.seen_restarts, s.exits), (0, 0));
@@ -722,5 +757,44 @@ mod tests {
         assert_eq!((s.seen_restarts, s.exits), (2, 1));
         s.observe(&u(7, 11), t0);
         assert_eq!((s.seen_restarts, s.exits), (2, 1));
+    }
+
+    #[test]
+    fn the_previous_run_stopping_slowly_is_not_an_exit_of_the_new_one() {
+        let mut s = Systemd::new("a".into(), "/x".into());
+        let t0 = Instant::now();
+        // The old version (started at 100, 4 automatic restarts behind it) was running when
+        // the restart was asked for; it takes a while to stop.
+        s.previous_run = Some(100);
+        let old = UnitState {
+            active_state: "deactivating".into(),
+            sub_state: "stop-sigterm".into(),
+            n_restarts: 4,
+            exec_main_status: None,
+            exec_main_pid: 10,
+            exec_main_started: 100,
+        };
+        s.observe(&old, t0);
+        s.observe(&old, t0);
+        // Then the new version runs, with a new PID and NRestarts back at 0.
+        let new = UnitState {
+            active_state: "active".into(),
+            sub_state: "running".into(),
+            n_restarts: 0,
+            exec_main_status: Some(0),
+            exec_main_pid: 11,
+            exec_main_started: 200,
+        };
+        s.observe(&new, t0);
+        assert_eq!((s.seen_restarts, s.exits), (0, 0), "no exit, no restart");
+        // Its own restarts count from there.
+        let restarted = UnitState {
+            n_restarts: 1,
+            exec_main_pid: 12,
+            exec_main_started: 300,
+            ..new
+        };
+        s.observe(&restarted, t0);
+        assert_eq!((s.seen_restarts, s.exits), (1, 1));
     }
 }
