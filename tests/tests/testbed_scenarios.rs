@@ -12,7 +12,8 @@
 //! 1. a good rollout across three devices, then a crash-looping release that the canary's
 //!    agent rolls back on its own from the restart counts systemd reports (`NRestarts`);
 //!    1b. a release that exits at once and runs the app unit into systemd's start limit: the
-//!    rollback still brings the previous version back;
+//!    rollback still brings the previous version back; 1c. a good release replacing one that
+//!    takes seconds to stop is committed, not taken for a crash at start;
 //! 2. a device whose cable is pulled during the rollout: skipped at its wave (not failed), and
 //!    caught up once the cable is back;
 //! 3. two devices whose power is cut in the middle of their swap (held there by the
@@ -61,7 +62,8 @@ const APP_PORT: u16 = 8080;
 /// The unit an operator installs for the agent's `systemd` runtime: it runs whatever the agent
 /// last wrote to `ROOT/app-exec`, and systemd restarts it when it exits (those restarts are the
 /// `NRestarts` the agent's trial counts). Enabled, so the app comes up at boot without waiting
-/// for the agent; skipped until the agent has installed a first release.
+/// for the agent; skipped until the agent has installed a first release. An app that ignores
+/// SIGTERM is killed 2 s into its stop.
 const APP_UNIT_FILE: &str = "\
 [Unit]
 Description=fleet application (run by fleet-agent's systemd runtime)
@@ -71,6 +73,7 @@ ConditionPathExists=/opt/fleet/app/app-exec
 ExecStart=/opt/fleet/app/app-exec
 Restart=always
 RestartSec=200ms
+TimeoutStopSec=2s
 
 [Install]
 WantedBy=multi-user.target
@@ -669,6 +672,49 @@ fn a_crash_at_start_past_the_start_limit_is_still_rolled_back() {
     visible(&format!(
         "testbed scenario tb-limit: crash at start past the start limit rolled back and 1.0.0 serving {:.1}s after the start; total {:.1}s",
         restored.as_secs_f64(),
+        site.started.elapsed().as_secs_f64()
+    ));
+}
+
+/// Scenario 1c: the previous version takes its time to stop (it ignores SIGTERM, so systemd
+/// kills it at the unit's `TimeoutStopSec=2s`). The agent's restart is asynchronous
+/// (`systemctl restart --no-block`), so its first trial probes see the old run still stopping;
+/// that must not make a good release look like one that crashed at start.
+#[test]
+fn a_good_release_after_a_slow_stopping_one_is_committed() {
+    let lab = require!(Lab::new("tb-slow"));
+    let site = Site::new("tb-slow", lab, &[dev("slow-1", &[])]);
+    let v1 = site.release("1.0.0", 1, "--ignore-sigterm", |_| {});
+    let r1 = site.start(&v1);
+    site.wait_status(&r1, RolloutStatus::Completed);
+    let device = site.device("slow-1");
+    wait_serving(device, "1.0.0");
+
+    let phase = Instant::now();
+    let v2 = site.release("2.0.0", 2, "", |spec| {
+        spec.rollback_to = Some((1, "1.0.0".into()));
+    });
+    let r2 = site.start(&v2);
+    let outcome = wait_for(SOON, "slow-1's agent decides on 2.0.0", || {
+        device
+            .journal(AGENT_UNIT)
+            .lines()
+            .find(|l| l.contains("version=2.0.0 event=Committed") || l.contains("event=RolledBack"))
+            .map(str::to_owned)
+    });
+    assert!(outcome.contains("event=Committed"), "{outcome}");
+    assert!(
+        device
+            .journal(APP_UNIT)
+            .contains("State 'stop-sigterm' timed out"),
+        "1.0.0 did take its time to stop"
+    );
+    wait_serving(device, "2.0.0");
+    let committed = phase.elapsed();
+    site.wait_status(&r2, RolloutStatus::Completed);
+    visible(&format!(
+        "testbed scenario tb-slow: 2.0.0 committed {:.1}s after the start behind a 2 s stop of 1.0.0; total {:.1}s",
+        committed.as_secs_f64(),
         site.started.elapsed().as_secs_f64()
     ));
 }
