@@ -69,6 +69,7 @@ impl Site {
     /// Starts everything and waits until every device is online with a health report. `None`
     /// when mosquitto is absent (a visible skip; a failure under `FLEET_REQUIRE_E2E=1`).
     pub fn start(kind: BrokerKind, label: &str) -> Option<Site> {
+        let started = std::time::Instant::now();
         let dir = TestDir::new(&format!("{label}-{}", kind.label()));
         let releases = Releases::new(&dir, "mqtt://127.0.0.1:1");
         // Packing a debug build of the demo app takes seconds of CPU: do it while the
@@ -142,6 +143,12 @@ impl Site {
             dir,
         };
         site.wait_all_online();
+        visible(&format!(
+            "{label} ({}): site ready in {:.1} s ({} agents online)",
+            kind.label(),
+            started.elapsed().as_secs_f64(),
+            FLEET.len()
+        ));
         Some(site)
     }
 
@@ -191,6 +198,7 @@ impl Site {
     /// waits until every app serves it. Most scenarios start from here: a device that has run
     /// nothing has nothing to roll back to.
     pub fn install_first_release(&self) {
+        let started = std::time::Instant::now();
         let mut spec = self.spec("1.0.0", 1, &[]);
         spec.approval = "auto";
         spec.canary_soak = "1s";
@@ -206,6 +214,12 @@ impl Site {
             "{out}"
         );
         self.wait_all_serving("1.0.0");
+        visible(&format!(
+            "{}: 1.0.0 installed on {} devices in {:.1} s",
+            self.kind.label(),
+            FLEET.len(),
+            started.elapsed().as_secs_f64()
+        ));
     }
 
     /// Waits until every running agent's app answers healthy with `version`.
