@@ -76,9 +76,15 @@ fn good_release_commits_and_serves() {
     // (a frame every 50 ms, heartbeats every second: about twenty).
     let counted = wait_until("a heartbeat counting the app's requests", PATIENCE, || {
         let s = obs.seen.lock().unwrap();
-        s.last_heartbeat.as_ref().and_then(|h| h.app.requests).filter(|n| *n > 0)
+        s.last_heartbeat
+            .as_ref()
+            .and_then(|h| h.app.requests)
+            .filter(|n| *n > 0)
     });
-    assert!(counted < 1_000, "requests since the previous heartbeat, not since start: {counted}");
+    assert!(
+        counted < 1_000,
+        "requests since the previous heartbeat, not since start: {counted}"
+    );
     obs.assert_no_gap();
 }
 
