@@ -84,6 +84,7 @@ fn site(label: &str) -> Site {
         bad_type: Some("rpi4".into()),
         bad_version: Some("2.0.0".into()),
         churn_per_hour: 0.0,
+        per_connection: 1,
     });
     let ctl = Ctl::new(&dir.subdir("operator"), &coordinator.broker_url(), "alice");
     wait_until(

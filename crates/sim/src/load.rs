@@ -48,6 +48,8 @@ pub struct LoadConfig {
     pub bad_version: Option<String>,
     /// Average disconnects per device per hour.
     pub churn_per_hour: f64,
+    /// Devices sharing one MQTT connection (1: one connection per device, as on a real fleet).
+    pub per_connection: usize,
 }
 
 /// Counters shared by all simulated devices.
@@ -60,6 +62,11 @@ pub struct Stats {
     pub rolled_back: AtomicU64,
     pub refused: AtomicU64,
     pub reconnects: AtomicU64,
+    /// When the first heartbeat reporting the bad release's errors went out (Unix ms, 0 = never).
+    pub first_bad_heartbeat_ms: AtomicU64,
+    /// When a device running the bad release first received a different desired release: the
+    /// coordinator's rollback reaching the device (Unix ms, 0 = never).
+    pub first_rollback_desired_ms: AtomicU64,
 }
 
 /// A device's identity and its fault draw, fixed for the run.
@@ -133,14 +140,15 @@ impl Device {
         }
     }
 
-    fn heartbeat(&mut self, config: &LoadConfig, rng: &mut impl rand::Rng) -> Heartbeat {
+    /// The next heartbeat, and whether it reports the bad release's errors.
+    fn heartbeat(&mut self, config: &LoadConfig, rng: &mut impl rand::Rng) -> (Heartbeat, bool) {
         self.heartbeat_seq += 1;
         let version = self.active.as_ref().map(|a| a.version.clone());
         let bad = config.bad_type.as_ref() == Some(&self.spec.facts.device_type)
             && version.is_some()
             && config.bad_version == version;
         let error_rate: f32 = if bad { 0.30 } else { 0.01 } + rng.gen_range(-0.005..0.005);
-        Heartbeat {
+        let hb = Heartbeat {
             device: self.spec.id.clone(),
             seq: self.heartbeat_seq,
             at: now(),
@@ -169,7 +177,8 @@ impl Device {
                 probe_ok: None,
                 requests: self.active.as_ref().map(|_| 50),
             },
-        }
+        };
+        (hb, bad)
     }
 
     fn event(&mut self, desired: &Desired, version: &str, kind: EventKind) -> Event {
@@ -301,18 +310,22 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
-    let mut tasks = Vec::new();
+    let mut specs = Vec::new();
     for index in config.first..config.first + config.devices {
         let spec = spec(&config, index, &mut rng)?;
-        if spec.never_online {
-            continue;
+        if !spec.never_online {
+            specs.push(spec);
         }
+    }
+    let mut tasks = Vec::new();
+    for group in specs.chunks(config.per_connection.max(1)) {
         let (config, stats, shutdown) = (config.clone(), stats.clone(), shutdown.clone());
+        let group = group.to_vec();
         // Spread connections and heartbeats over one interval, as a real fleet's are.
         let offset = config.heartbeat.mul_f64(rng.r#gen::<f64>());
         tasks.push(tokio::spawn(async move {
             tokio::time::sleep(offset).await;
-            device_loop(spec, config, stats, shutdown).await;
+            connection_loop(group, config, stats, shutdown).await;
         }));
     }
     for task in tasks {
@@ -321,13 +334,8 @@ pub async fn run(
     Ok(())
 }
 
-async fn device_loop(
-    spec: Spec,
-    config: Arc<LoadConfig>,
-    stats: Arc<Stats>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut device = Device {
+fn device(spec: Spec, config: &LoadConfig) -> Device {
+    Device {
         interval: config.heartbeat,
         spec,
         active: None,
@@ -338,34 +346,67 @@ async fn device_loop(
         heartbeat_seq: 0,
         event_seq: 0,
         started: std::time::Instant::now(),
+    }
+}
+
+/// Milliseconds since the Unix epoch, recorded once: the first time something happened.
+fn first_time(cell: &AtomicU64) {
+    let _ = cell.compare_exchange(0, now().0, Ordering::Relaxed, Ordering::Relaxed);
+}
+
+/// One MQTT connection carrying one device (or, with `per_connection` > 1, several: a load
+/// beyond the per-process file limit; the broker then sees fewer connections than devices).
+async fn connection_loop(
+    specs: Vec<Spec>,
+    config: Arc<LoadConfig>,
+    stats: Arc<Stats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut devices: Vec<Device> = specs.into_iter().map(|s| device(s, &config)).collect();
+    let Some(lead) = devices.first().map(|d| d.spec.id.clone()) else {
+        return;
     };
-    let id = device.spec.id.clone();
+    let by_topic: std::collections::HashMap<String, usize> = devices
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (Topic::Desired(d.spec.id.clone()).to_string(), i))
+        .collect();
+    let mut due: Vec<tokio::time::Instant> = vec![tokio::time::Instant::now(); devices.len()];
+    let mut next = 0usize;
     let mut first = true;
     while !*shutdown.borrow() {
         if !first {
             stats.reconnects.fetch_add(1, Ordering::Relaxed);
         }
         first = false;
-        let mut options = MqttOptions::new(id.as_str(), &config.host, config.port);
+        let mut options = MqttOptions::new(lead.as_str(), &config.host, config.port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_max_packet_size(
             fleet_proto::Kind::Desired.max_size() + 1024,
             fleet_proto::Kind::State.max_size() + 1024,
         );
         let offline = Online {
-            device: id.clone(),
+            device: lead.clone(),
             online: false,
-            agent_version: device.spec.facts.agent_version.clone(),
+            agent_version: devices[0].spec.facts.agent_version.clone(),
             at: now(),
         };
         options.set_last_will(LastWill::new(
-            Topic::Online(id.clone()).to_string(),
+            Topic::Online(lead.clone()).to_string(),
             encode(&offline),
             QoS::AtLeastOnce,
             true,
         ));
-        let (client, mut events) = AsyncClient::new(options, 64);
-        let mut ticker = tokio::time::interval(device.interval);
+        let (client, mut events) = AsyncClient::new(options, 64 + 4 * devices.len());
+        let slice = |devices: &[Device]| {
+            let fastest = devices
+                .iter()
+                .map(|d| d.interval)
+                .min()
+                .unwrap_or(config.heartbeat);
+            (fastest / devices.len().max(1) as u32).max(Duration::from_millis(1))
+        };
+        let mut ticker = tokio::time::interval(slice(&devices));
         let mut connected = false;
         let churn_after = if config.churn_per_hour > 0.0 {
             let mean = 3600.0 / config.churn_per_hour;
@@ -386,39 +427,60 @@ async fn device_loop(
                     break;
                 }
                 _ = ticker.tick(), if connected => {
-                    let hb = device.heartbeat(&config, &mut rand::thread_rng());
-                    if client.try_publish(Topic::Heartbeat(id.clone()).to_string(), QoS::AtMostOnce, false, encode(&hb)).is_ok() {
-                        stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    let k = next % devices.len();
+                    next = next.wrapping_add(1);
+                    let now_i = tokio::time::Instant::now();
+                    if now_i >= due[k] {
+                        due[k] = now_i + devices[k].interval;
+                        let (hb, bad) = devices[k].heartbeat(&config, &mut rand::thread_rng());
+                        let topic = Topic::Heartbeat(devices[k].spec.id.clone()).to_string();
+                        if client.try_publish(topic, QoS::AtMostOnce, false, encode(&hb)).is_ok() {
+                            stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                            if bad {
+                                first_time(&stats.first_bad_heartbeat_ms);
+                            }
+                        }
                     }
                 }
                 event = events.poll() => match event {
                     Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                         connected = true;
-                        stats.connected.fetch_add(1, Ordering::Relaxed);
-                        let _ = client.subscribe(Topic::Desired(id.clone()).to_string(), QoS::AtLeastOnce).await;
-                        let online = Online { online: true, at: now(), ..offline.clone() };
-                        let _ = client.publish(Topic::Online(id.clone()).to_string(), QoS::AtLeastOnce, true, encode(&online)).await;
-                        let state = device.reported();
-                        let _ = client.publish(Topic::State(id.clone()).to_string(), QoS::AtLeastOnce, true, encode(&state)).await;
+                        stats.connected.fetch_add(devices.len() as u64, Ordering::Relaxed);
+                        for d in devices.iter_mut() {
+                            let id = d.spec.id.clone();
+                            let _ = client.subscribe(Topic::Desired(id.clone()).to_string(), QoS::AtLeastOnce).await;
+                            let online = Online { device: id.clone(), online: true, at: now(), ..offline.clone() };
+                            let _ = client.publish(Topic::Online(id.clone()).to_string(), QoS::AtLeastOnce, true, encode(&online)).await;
+                            let state = d.reported();
+                            let _ = client.publish(Topic::State(id).to_string(), QoS::AtLeastOnce, true, encode(&state)).await;
+                        }
                     }
                     Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                        let Some(&k) = by_topic.get(p.topic.as_str()) else { continue };
                         let Ok(desired) = decode::<Desired>(&p.payload) else { continue };
                         stats.desired.fetch_add(1, Ordering::Relaxed);
-                        let before = device.interval;
+                        let d = &mut devices[k];
+                        let on_bad = config.bad_version.is_some()
+                            && d.active.as_ref().map(|a| &a.version) == config.bad_version.as_ref();
+                        if on_bad && desired.release.as_ref().map(|r| r.digest()) != d.active.as_ref().map(|a| a.digest) {
+                            first_time(&stats.first_rollback_desired_ms);
+                        }
+                        let before = d.interval;
                         tokio::time::sleep(config.install_delay).await;
-                        for event in device.converge(&desired, &config, &stats) {
+                        let id = d.spec.id.clone();
+                        for event in d.converge(&desired, &config, &stats) {
                             let _ = client.publish(Topic::Events(id.clone()).to_string(), QoS::AtLeastOnce, false, encode(&event)).await;
                         }
-                        let state = device.reported();
-                        let _ = client.publish(Topic::State(id.clone()).to_string(), QoS::AtLeastOnce, true, encode(&state)).await;
-                        if device.interval != before {
-                            ticker = tokio::time::interval(device.interval);
+                        let state = d.reported();
+                        let _ = client.publish(Topic::State(id).to_string(), QoS::AtLeastOnce, true, encode(&state)).await;
+                        if d.interval != before {
+                            ticker = tokio::time::interval(slice(&devices));
                         }
                     }
                     Ok(_) => {}
                     Err(_) => {
                         if connected {
-                            stats.connected.fetch_sub(1, Ordering::Relaxed);
+                            stats.connected.fetch_sub(devices.len() as u64, Ordering::Relaxed);
                         }
                         connected = false;
                         // rumqttc reconnects at once on the next poll; back off with jitter.
@@ -429,7 +491,9 @@ async fn device_loop(
             }
         }
         if connected {
-            stats.connected.fetch_sub(1, Ordering::Relaxed);
+            stats
+                .connected
+                .fetch_sub(devices.len() as u64, Ordering::Relaxed);
         }
     }
 }
