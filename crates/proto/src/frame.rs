@@ -30,6 +30,8 @@ pub enum Kind {
     Command,
     Reply,
     RolloutState,
+    /// `fleet/v1/trust`: the chain of signed release-key rotations.
+    Trust,
 }
 
 /// How a kind is written on the wire.
@@ -42,7 +44,7 @@ pub enum Encoding {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Desired,
         Kind::State,
         Kind::Heartbeat,
@@ -51,6 +53,7 @@ impl Kind {
         Kind::Command,
         Kind::Reply,
         Kind::RolloutState,
+        Kind::Trust,
     ];
 
     /// The largest frame accepted for this kind, in bytes.
@@ -68,6 +71,8 @@ impl Kind {
             Kind::Command => 256 * 1024,
             Kind::Reply => 8 * 1024 * 1024,
             Kind::RolloutState => 64 * 1024,
+            // A rotation is a few hundred bytes; the chain holds at most `trust::MAX_CHAIN`.
+            Kind::Trust => 16 * 1024,
         }
     }
 
@@ -89,6 +94,7 @@ impl Kind {
             Kind::Command => "operator command",
             Kind::Reply => "operator reply",
             Kind::RolloutState => "rollout state",
+            Kind::Trust => "key rotations",
         }
     }
 }

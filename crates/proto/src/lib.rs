@@ -12,6 +12,7 @@
 //! - [`rollout`]: the rollout state block and the deployment report.
 //! - [`manifest`]: the TOML a release engineer writes, validated all at once.
 //! - [`release`]: the signed release, its canonical bytes, and the admit decision.
+//! - [`trust`]: release-key rotation (signed by every pinned key) and the trusted-time floor.
 //! - [`time`]: wall-clock instants and durations on the wire.
 //! - [`hex`]: fixed-size byte strings (digests, key ids, signatures).
 
@@ -26,6 +27,7 @@ pub mod release;
 pub mod rollout;
 pub mod time;
 pub mod topic;
+pub mod trust;
 
 pub use frame::{DecodeError, FrameProblem, Kind, Message, decode, encode};
 pub use ids::{DeviceId, IdError, RequestId, RolloutId};

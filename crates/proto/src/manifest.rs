@@ -13,8 +13,9 @@ use toml::{Table, Value};
 use crate::hex::Sha256;
 use crate::ids::DeviceId;
 use crate::release::{
-    Approval, Arch, Artifact, HealthCheck, Probe, ProbeCheck, Release, Resources, RollbackTo, Run,
-    Strategy, StrategyKind, Target, Thresholds, Trial,
+    Approval, Arch, Artifact, Container, HealthCheck, Probe, ProbeCheck, Release, Resources,
+    RestartPolicy, RollbackTo, Run, Strategy, StrategyKind, Target, Thresholds, Trial,
+    check_device, check_volume, is_container_name, is_image_id, parse_port,
 };
 use crate::time::{UnixMillis, parse_duration};
 
@@ -342,7 +343,11 @@ impl Checker {
         self.finish(r);
 
         let artifacts = self.artifacts(&mut root);
-        let run = self.run(&mut root);
+        let container = self.container(&mut root, name);
+        let run = self.run(
+            &mut root,
+            container.is_some() || doc.contains_key("container"),
+        );
         let resources = self.resources(&mut root);
         let health = self.health(&mut root, version);
         let probe = self.probe(&mut root);
@@ -350,6 +355,7 @@ impl Checker {
         let strategy = self.strategy(&mut root);
         let target = self.target(&mut root);
         let thresholds = self.thresholds(&mut root);
+        let data_dirs = self.data(&mut root);
         self.finish(root);
 
         Some(Release {
@@ -369,6 +375,8 @@ impl Checker {
             strategy,
             target,
             thresholds,
+            container,
+            data_dirs,
         })
     }
 
@@ -480,13 +488,21 @@ impl Checker {
         out
     }
 
-    fn run(&mut self, root: &mut Section<'_>) -> Option<Run> {
+    /// `[run]`; for a container release (`in_container`) it is optional and every key in it
+    /// too: `args` become the container's command, `env` its environment, and a non-empty
+    /// `entrypoint` replaces the image's (a path inside the image, so it may be absolute).
+    fn run(&mut self, root: &mut Section<'_>, in_container: bool) -> Option<Run> {
         let mut s = self.section(root, "run");
-        if s.table.is_none() {
+        if s.table.is_none() && !in_container {
             self.error("run", "required: entrypoint (and optional args, env)");
         }
-        let entrypoint = self.required_string(&mut s, "entrypoint");
+        let entrypoint = if in_container {
+            self.string(&mut s, "entrypoint").or(Some(""))
+        } else {
+            self.required_string(&mut s, "entrypoint")
+        };
         if let Some(e) = entrypoint
+            && !in_container
             && (e.starts_with('/') || e.split('/').any(|part| part == ".."))
         {
             self.error(
@@ -511,6 +527,152 @@ impl Checker {
             args: args.into_iter().map(str::to_owned).collect(),
             env,
         })
+    }
+
+    /// `[container]`: present only for releases the `container` runtime runs.
+    fn container(
+        &mut self,
+        root: &mut Section<'_>,
+        release_name: Option<&str>,
+    ) -> Option<Container> {
+        let mut s = self.section(root, "container");
+        s.table?;
+        let image = self.required_string(&mut s, "image");
+        if let Some(i) = image
+            && (i.chars().any(|c| c.is_whitespace() || c.is_control()) || i.len() > 255)
+        {
+            self.error(
+                s.field("image"),
+                format!("{i:?} must be an image reference (repository:tag) or id (sha256:…)"),
+            );
+        }
+        let load = self.string(&mut s, "load");
+        if let Some(l) = load
+            && (l.is_empty() || l.starts_with('/') || l.split('/').any(|part| part == ".."))
+        {
+            self.error(
+                s.field("load"),
+                format!("{l:?} must be a path inside the artifact (relative, without '..')"),
+            );
+        }
+        let image_id = self.string(&mut s, "image_id");
+        if let Some(id) = image_id
+            && !is_image_id(id)
+        {
+            self.error(
+                s.field("image_id"),
+                format!("{id:?} must be an image id: sha256: and 64 lowercase hex digits"),
+            );
+        }
+        if load.is_none()
+            && image_id.is_none()
+            && !image.is_some_and(is_image_id)
+            && s.table.is_some_and(|t| !t.contains_key("image_id"))
+        {
+            self.error(
+                s.field("image_id"),
+                "required when there is no `load` tarball: the image already on the device is pinned by its id",
+            );
+        }
+        let name = match self.string(&mut s, "name") {
+            Some(n) => Some(n.to_owned()),
+            None => release_name.map(str::to_ascii_lowercase),
+        };
+        if let Some(n) = &name
+            && !is_container_name(n)
+        {
+            self.error(
+                s.field("name"),
+                format!(
+                    "{n:?} must be 1-64 lowercase letters, digits, '.', '_' or '-' (it names the container and its rollback image {n}:fleet-rollback)"
+                ),
+            );
+        }
+        let network = self.string(&mut s, "network");
+        if let Some(n) = network
+            && (n.is_empty() || n.chars().any(|c| c.is_whitespace()))
+        {
+            self.error(s.field("network"), format!("{n:?} must be a network name"));
+        }
+        let list = |c: &mut Self,
+                    s: &mut Section<'_>,
+                    key: &'static str,
+                    check: fn(&str) -> Result<(), String>| {
+            let field = s.field(key);
+            let items = c.strings(s, key).unwrap_or_default();
+            for (i, item) in items.iter().enumerate() {
+                if let Err(e) = check(item) {
+                    c.error(format!("{field}[{i}]"), e);
+                }
+            }
+            items.into_iter().map(str::to_owned).collect::<Vec<_>>()
+        };
+        let ports = list(self, &mut s, "ports", |p| parse_port(p).map(|_| ()));
+        if network == Some("host") && !ports.is_empty() {
+            self.error(
+                s.field("ports"),
+                "must be empty with network = \"host\": the container already uses the device's ports",
+            );
+        }
+        let volumes = list(self, &mut s, "volumes", check_volume);
+        let devices = list(self, &mut s, "devices", check_device);
+        let restart = match self.string(&mut s, "restart") {
+            None => RestartPolicy::UnlessStopped,
+            Some(text) => RestartPolicy::parse(text).unwrap_or_else(|| {
+                self.error(
+                    s.field("restart"),
+                    format!("{text:?} must be no, on-failure, always or unless-stopped"),
+                );
+                RestartPolicy::UnlessStopped
+            }),
+        };
+        self.finish(s);
+        Some(Container {
+            image: image?.to_owned(),
+            load: load.map(str::to_owned),
+            image_id: image_id.map(str::to_owned),
+            name: name?,
+            network: network.map(str::to_owned),
+            ports,
+            volumes,
+            devices,
+            restart,
+        })
+    }
+
+    /// `[data] dirs`: absolute, distinct, not nested in each other, never `/`.
+    fn data(&mut self, root: &mut Section<'_>) -> Vec<String> {
+        let mut s = self.section(root, "data");
+        let field = s.field("dirs");
+        let dirs = self.strings(&mut s, "dirs").unwrap_or_default();
+        self.finish(s);
+        let mut out: Vec<String> = Vec::new();
+        for (i, d) in dirs.iter().enumerate() {
+            let trimmed = d.trim_end_matches('/');
+            if !d.starts_with('/')
+                || trimmed.is_empty()
+                || d.split('/').any(|p| p == ".." || p == ".")
+            {
+                self.error(
+                    format!("{field}[{i}]"),
+                    format!("{d:?} must be an absolute directory path other than / (without '.' or '..')"),
+                );
+                continue;
+            }
+            let nested = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
+            if let Some(other) = out
+                .iter()
+                .find(|o| nested(trimmed, o) || nested(o, trimmed))
+            {
+                self.error(
+                    format!("{field}[{i}]"),
+                    format!("{d:?} overlaps {other:?}: name each directory once"),
+                );
+                continue;
+            }
+            out.push(trimmed.to_owned());
+        }
+        out
     }
 
     fn resources(&mut self, root: &mut Section<'_>) -> Option<Resources> {

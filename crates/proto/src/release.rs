@@ -279,6 +279,184 @@ pub struct Release {
     pub strategy: Strategy,
     pub target: Target,
     pub thresholds: Thresholds,
+    // Appended in issue 10 (postcard is positional: new fields go last). `serde(default)` lets
+    // the agent read journals written before they existed; signed bytes always carry them.
+    /// How the `container` runtime runs this release (manifest `[container]`); `None` for a
+    /// release the `process` or `systemd` runtime runs from its slot.
+    #[serde(default)]
+    pub container: Option<Container>,
+    /// Absolute paths of directories the application owns (manifest `[data] dirs`): the agent
+    /// snapshots them before the swap, restores them on a rollback, drops the snapshot on commit.
+    #[serde(default)]
+    pub data_dirs: Vec<String>,
+}
+
+/// A container release: which image, and how the container is started (manifest `[container]`).
+/// `run.args` become the container's command, `run.env` its environment (plus the agent's
+/// `FLEET_*`), and a non-empty `run.entrypoint` replaces the image's entrypoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Container {
+    /// The image to run: `repository:tag`, or an image id `sha256:<64 hex>`.
+    pub image: String,
+    /// Path inside the artifact (relative, no `..`) of a `docker save` tarball the agent loads
+    /// at install; `None`: the image must already be on the device, pinned by `image_id`.
+    pub load: Option<String>,
+    /// The image id (`sha256:<64 hex>`) `image` must resolve to; required without `load`.
+    pub image_id: Option<String>,
+    /// Container name, kept across versions; the rollback image is tagged `NAME:fleet-rollback`.
+    pub name: String,
+    /// `host`, `none`, `bridge` or a named network; `None`: the engine's default.
+    pub network: Option<String>,
+    /// Published ports, `[IP:]HOST:CONTAINER[/tcp|/udp]`; HOST may be `{port}`.
+    pub ports: Vec<String>,
+    /// Bind mounts, `/HOST:/CONTAINER[:ro|:rw]`.
+    pub volumes: Vec<String>,
+    /// Devices, `/dev/HOST[:/dev/CONTAINER[:PERMS]]`.
+    pub devices: Vec<String>,
+    pub restart: RestartPolicy,
+}
+
+/// The engine's restart policy for the container.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    No,
+    OnFailure,
+    Always,
+    UnlessStopped,
+}
+
+impl RestartPolicy {
+    /// The engine's name for the policy.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::No => "no",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Always => "always",
+            RestartPolicy::UnlessStopped => "unless-stopped",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RestartPolicy> {
+        [
+            RestartPolicy::No,
+            RestartPolicy::OnFailure,
+            RestartPolicy::Always,
+            RestartPolicy::UnlessStopped,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == text)
+    }
+}
+
+/// One published port, parsed from `[IP:]HOST:CONTAINER[/PROTO]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortMapping {
+    pub host_ip: Option<String>,
+    /// A port number, or `{port}` (the device's application port).
+    pub host_port: String,
+    pub container_port: u16,
+    pub protocol: String,
+}
+
+/// Parses a `[container] ports` entry.
+pub fn parse_port(text: &str) -> Result<PortMapping, String> {
+    let (spec, protocol) = match text.rsplit_once('/') {
+        Some((spec, p)) if p == "tcp" || p == "udp" => (spec, p.to_owned()),
+        Some((_, p)) => return Err(format!("{text:?}: protocol {p:?} must be tcp or udp")),
+        None => (text, "tcp".to_owned()),
+    };
+    let parts: Vec<&str> = spec.split(':').collect();
+    let (host_ip, host, container) = match parts.as_slice() {
+        [host, container] => (None, *host, *container),
+        [ip, host, container] => {
+            if ip.parse::<std::net::IpAddr>().is_err() {
+                return Err(format!("{text:?}: {ip:?} is not an IP address"));
+            }
+            (Some((*ip).to_owned()), *host, *container)
+        }
+        _ => return Err(format!("{text:?} must be [IP:]HOST:CONTAINER[/tcp|/udp]")),
+    };
+    if host != "{port}" && host.parse::<u16>().map_or(true, |p| p == 0) {
+        return Err(format!(
+            "{text:?}: host port {host:?} must be 1-65535 or {{port}}"
+        ));
+    }
+    let container_port = container
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{text:?}: container port {container:?} must be 1-65535"))?;
+    Ok(PortMapping {
+        host_ip,
+        host_port: host.to_owned(),
+        container_port,
+        protocol,
+    })
+}
+
+/// Checks a `[container] volumes` entry: `/HOST:/CONTAINER[:ro|:rw]`.
+pub fn check_volume(text: &str) -> Result<(), String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let ok_mode = |m: &str| m == "ro" || m == "rw";
+    match parts.as_slice() {
+        [host, container] | [host, container, _]
+            if host.starts_with('/') && container.starts_with('/') =>
+        {
+            match parts.get(2) {
+                Some(m) if !ok_mode(m) => Err(format!("{text:?}: mode {m:?} must be ro or rw")),
+                _ => Ok(()),
+            }
+        }
+        _ => Err(format!(
+            "{text:?} must be /HOST:/CONTAINER[:ro|:rw] with absolute paths"
+        )),
+    }
+}
+
+/// Checks a `[container] devices` entry: `/dev/HOST[:/dev/CONTAINER[:PERMS]]`.
+pub fn check_device(text: &str) -> Result<(), String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let perms_ok = |p: &str| !p.is_empty() && p.chars().all(|c| matches!(c, 'r' | 'w' | 'm'));
+    let ok = match parts.as_slice() {
+        [host] => host.starts_with('/'),
+        [host, container] => host.starts_with('/') && container.starts_with('/'),
+        [host, container, perms] => {
+            host.starts_with('/') && container.starts_with('/') && perms_ok(perms)
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{text:?} must be /dev/HOST[:/dev/CONTAINER[:PERMS]] (PERMS of r, w, m)"
+        ))
+    }
+}
+
+/// Whether `text` is an image id: `sha256:` and 64 lowercase hex digits.
+pub fn is_image_id(text: &str) -> bool {
+    text.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64
+            && h.chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    })
+}
+
+/// Whether `name` can be a container name and the repository of the rollback tag
+/// (`NAME:fleet-rollback`): 1–64 of lowercase letters, digits, `.`, `_`, `-`, starting with a
+/// letter or digit.
+pub fn is_container_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-'))
 }
 
 impl Release {

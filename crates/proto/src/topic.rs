@@ -31,6 +31,8 @@ pub enum Topic {
     Reply(RequestId),
     /// `rollouts/{rollout_id}/state`: coordinator → anyone, retained.
     RolloutState(RolloutId),
+    /// `trust`: coordinator → every agent, retained: the chain of signed key rotations.
+    Trust,
 }
 
 /// Why a topic string is not a fleet topic.
@@ -60,6 +62,7 @@ impl Topic {
             Topic::Commands => Kind::Command,
             Topic::Reply(_) => Kind::Reply,
             Topic::RolloutState(_) => Kind::RolloutState,
+            Topic::Trust => Kind::Trust,
         }
     }
 
@@ -71,7 +74,7 @@ impl Topic {
             | Topic::Heartbeat(id)
             | Topic::Events(id)
             | Topic::Online(id) => Some(id),
-            Topic::Commands | Topic::Reply(_) | Topic::RolloutState(_) => None,
+            Topic::Commands | Topic::Reply(_) | Topic::RolloutState(_) | Topic::Trust => None,
         }
     }
 
@@ -87,6 +90,7 @@ impl Topic {
             Kind::Command => format!("{PREFIX}/rollouts/commands"),
             Kind::Reply => format!("{PREFIX}/rollouts/replies/+"),
             Kind::RolloutState => format!("{PREFIX}/rollouts/+/state"),
+            Kind::Trust => format!("{PREFIX}/trust"),
         }
     }
 }
@@ -102,6 +106,7 @@ impl fmt::Display for Topic {
             Topic::Commands => write!(f, "{PREFIX}/rollouts/commands"),
             Topic::Reply(id) => write!(f, "{PREFIX}/rollouts/replies/{id}"),
             Topic::RolloutState(id) => write!(f, "{PREFIX}/rollouts/{id}/state"),
+            Topic::Trust => write!(f, "{PREFIX}/trust"),
         }
     }
 }
@@ -138,6 +143,7 @@ impl FromStr for Topic {
                 }
             }
             ["rollouts", "commands"] => Topic::Commands,
+            ["trust"] => Topic::Trust,
             ["rollouts", "replies", id] => Topic::Reply(RequestId::new(*id).map_err(bad_id)?),
             ["rollouts", id, "state"] => Topic::RolloutState(RolloutId::new(*id).map_err(bad_id)?),
             _ => {
@@ -169,6 +175,7 @@ mod tests {
             Topic::Commands,
             Topic::Reply(RequestId::new("q-7").unwrap()),
             Topic::RolloutState(RolloutId::new("r-42").unwrap()),
+            Topic::Trust,
         ];
         for topic in topics {
             let text = topic.to_string();

@@ -8,9 +8,31 @@ use std::time::Duration;
 
 use common::NOW;
 use fleet_proto::manifest::parse;
-use fleet_proto::release::{Approval, Arch, StrategyKind};
+use fleet_proto::release::{Approval, Arch, RestartPolicy, StrategyKind};
 
 const EXAMPLE: &str = include_str!("../../../deploy/manifests/example.toml");
+const CONTAINER_EXAMPLE: &str = include_str!("../../../deploy/manifests/container.toml");
+
+#[test]
+fn the_shipped_container_example_is_valid() {
+    let r = parse(CONTAINER_EXAMPLE, NOW).unwrap();
+    let c = r.container.as_ref().unwrap();
+    assert_eq!(c.image, "detector:2.4.1");
+    assert_eq!(c.load.as_deref(), Some("image.tar"));
+    assert_eq!(c.image_id, None);
+    assert_eq!(c.name, "detector");
+    assert_eq!(c.network.as_deref(), Some("bridge"));
+    assert_eq!(c.ports, ["{port}:8080"]);
+    assert_eq!(c.volumes.len(), 2);
+    assert_eq!(c.devices, ["/dev/video0"]);
+    assert_eq!(c.restart, RestartPolicy::UnlessStopped);
+    assert_eq!(r.run.entrypoint, "", "the image's entrypoint");
+    assert_eq!(r.run.args[0], "--port");
+    assert_eq!(r.data_dirs, ["/var/lib/detector"]);
+    // A process release has neither.
+    let p = parse(EXAMPLE, NOW).unwrap();
+    assert!(p.container.is_none() && p.data_dirs.is_empty());
+}
 
 #[test]
 fn the_shipped_example_is_valid() {
@@ -180,5 +202,64 @@ fn not_toml_at_all() {
     assert!(
         errors.0[0].problem.starts_with("not valid TOML"),
         "{errors}"
+    );
+}
+
+#[test]
+fn a_container_release_needs_no_run_section_and_defaults_its_name() {
+    let m = MINIMAL.replace("[run]\nentrypoint = \"bin/detector\"\n", "")
+        + "\n[container]\nimage = \"sha256:3f2a4c1b9e8d7a6f5e4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a29\"\n";
+    let r = parse(&m, NOW).unwrap();
+    let c = r.container.unwrap();
+    assert_eq!(c.name, "detector");
+    assert_eq!(c.restart, RestartPolicy::UnlessStopped);
+    assert!(c.load.is_none() && c.ports.is_empty());
+    assert_eq!(r.run.entrypoint, "");
+}
+
+#[test]
+fn container_and_data_mistakes_are_reported_together_each_naming_its_field() {
+    let broken = MINIMAL.to_owned()
+        + r#"
+[container]
+image = "detector:2.0"
+name = "Detector"
+ports = ["{port}:80", "80", "1.2.3:80:80", "80:99999/sctp"]
+volumes = ["data:/data", "/a:/b:rx"]
+devices = ["video0"]
+restart = "sometimes"
+cpus = 2
+
+[data]
+dirs = ["/var/lib/d", "relative", "/var/lib/d/sub", "/"]
+"#;
+    check(
+        &broken,
+        &[
+            "container.image_id: required when there is no `load` tarball: the image already on the device is pinned by its id",
+            "container.name: \"Detector\" must be 1-64 lowercase letters, digits, '.', '_' or '-' (it names the container and its rollback image Detector:fleet-rollback)",
+            "container.ports[1]: \"80\" must be [IP:]HOST:CONTAINER[/tcp|/udp]",
+            "container.ports[2]: \"1.2.3:80:80\": \"1.2.3\" is not an IP address",
+            "container.ports[3]: \"80:99999/sctp\": protocol \"sctp\" must be tcp or udp",
+            "container.volumes[0]: \"data:/data\" must be /HOST:/CONTAINER[:ro|:rw] with absolute paths",
+            "container.volumes[1]: \"/a:/b:rx\": mode \"rx\" must be ro or rw",
+            "container.devices[0]: \"video0\" must be /dev/HOST[:/dev/CONTAINER[:PERMS]] (PERMS of r, w, m)",
+            "container.restart: \"sometimes\" must be no, on-failure, always or unless-stopped",
+            "container.cpus: unknown key",
+            "data.dirs[1]: \"relative\" must be an absolute directory path other than / (without '.' or '..')",
+            "data.dirs[2]: \"/var/lib/d/sub\" overlaps \"/var/lib/d\": name each directory once",
+            "data.dirs[3]: \"/\" must be an absolute directory path other than / (without '.' or '..')",
+        ],
+    );
+    // Host networking publishes nothing; a bad load path and image id are named too.
+    let host = MINIMAL.to_owned()
+        + "[container]\nimage = \"d:1\"\nload = \"../image.tar\"\nimage_id = \"sha256:abc\"\nnetwork = \"host\"\nports = [\"{port}:80\"]\n";
+    check(
+        &host,
+        &[
+            "container.load: \"../image.tar\" must be a path inside the artifact (relative, without '..')",
+            "container.image_id: \"sha256:abc\" must be an image id: sha256: and 64 lowercase hex digits",
+            "container.ports: must be empty with network = \"host\": the container already uses the device's ports",
+        ],
     );
 }

@@ -89,6 +89,19 @@ pub fn release(counter: u64, version: &str) -> Release {
             devices: vec![],
         },
         thresholds: Thresholds::default(),
+        // Pinned by the golden desired frame: the fields appended for container releases.
+        container: Some(Container {
+            image: format!("detector:{version}"),
+            load: Some("image.tar".into()),
+            image_id: None,
+            name: "detector".into(),
+            network: Some("host".into()),
+            ports: vec![],
+            volumes: vec!["/var/lib/detector:/data".into()],
+            devices: vec!["/dev/video0".into()],
+            restart: RestartPolicy::OnFailure,
+        }),
+        data_dirs: vec!["/var/lib/detector".into()],
     }
 }
 
