@@ -717,6 +717,7 @@ impl Driver {
                 Event::Heartbeat {
                     device: id.clone(),
                     sample,
+        self.metrics.heartbeat_latency(now.since(hb.at));
                 },
                 now,
             );

@@ -23,7 +23,15 @@ pub struct Metrics {
     pub publishes: AtomicU64,
     pub triggers: Mutex<BTreeMap<String, u64>>,
     pub gauges: Mutex<Gauges>,
+    /// Heartbeat age when the coordinator applied it: `[bucket..., +Inf]`, then sum and count.
+    pub heartbeat_latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    pub heartbeat_latency_sum_ms: AtomicU64,
 }
+
+/// Upper bounds of the heartbeat latency histogram, in milliseconds.
+pub const LATENCY_BUCKETS_MS: [u64; 19] = [
+    1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 70, 100, 150, 200, 300, 500, 1000, 2000, 5000,
+];
 
 /// Point-in-time values.
 #[derive(Clone, Debug, Default)]
@@ -72,6 +80,20 @@ impl Metrics {
 
     pub fn lost_reports(&self, k: Kind) -> u64 {
         self.lost_reports[kind_index(k)].load(Ordering::Relaxed)
+    }
+
+    /// Records how old a heartbeat was when the registry and the gates took it in: from the
+    /// device's `at` to now. On one host this is the delivery latency; across hosts it also
+    /// holds the clock difference.
+    pub fn heartbeat_latency(&self, age: std::time::Duration) {
+        let ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+        let i = LATENCY_BUCKETS_MS
+            .iter()
+            .position(|le| ms <= *le)
+            .unwrap_or(LATENCY_BUCKETS_MS.len());
+        self.heartbeat_latency[i].fetch_add(1, Ordering::Relaxed);
+        self.heartbeat_latency_sum_ms
+            .fetch_add(ms, Ordering::Relaxed);
     }
 
     pub fn trigger(&self, t: &Trigger) {
@@ -128,6 +150,31 @@ impl Metrics {
         );
         let _ = writeln!(o, "# TYPE fleet_reports_per_second gauge");
         let _ = writeln!(o, "fleet_reports_per_second {:.1}", g.reports_per_second);
+        let _ = writeln!(
+            o,
+            "# HELP fleet_heartbeat_latency_seconds Age of a heartbeat when the coordinator applied it (device clock to coordinator clock)."
+        );
+        let _ = writeln!(o, "# TYPE fleet_heartbeat_latency_seconds histogram");
+        let mut cumulative = 0u64;
+        for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            cumulative += self.heartbeat_latency[i].load(Ordering::Relaxed);
+            let _ = writeln!(
+                o,
+                "fleet_heartbeat_latency_seconds_bucket{{le=\"{}\"}} {cumulative}",
+                *le as f64 / 1000.0
+            );
+        }
+        cumulative += self.heartbeat_latency[LATENCY_BUCKETS_MS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(
+            o,
+            "fleet_heartbeat_latency_seconds_bucket{{le=\"+Inf\"}} {cumulative}"
+        );
+        let _ = writeln!(
+            o,
+            "fleet_heartbeat_latency_seconds_sum {}",
+            self.heartbeat_latency_sum_ms.load(Ordering::Relaxed) as f64 / 1000.0
+        );
+        let _ = writeln!(o, "fleet_heartbeat_latency_seconds_count {cumulative}");
         let _ = writeln!(
             o,
             "# HELP fleet_decode_errors_total Frames that did not decode, dropped."
@@ -229,5 +276,25 @@ mod tests {
             text.contains("fleet_lost_reports_total{kind=\"event\"} 1\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn heartbeat_latency_is_a_cumulative_histogram() {
+        let m = Metrics::default();
+        for ms in [1, 4, 4, 250, 60_000] {
+            m.heartbeat_latency(std::time::Duration::from_millis(ms));
+        }
+        let text = m.render();
+        for line in [
+            "fleet_heartbeat_latency_seconds_bucket{le=\"0.001\"} 1\n",
+            "fleet_heartbeat_latency_seconds_bucket{le=\"0.005\"} 3\n",
+            "fleet_heartbeat_latency_seconds_bucket{le=\"0.3\"} 4\n",
+            "fleet_heartbeat_latency_seconds_bucket{le=\"5\"} 4\n",
+            "fleet_heartbeat_latency_seconds_bucket{le=\"+Inf\"} 5\n",
+            "fleet_heartbeat_latency_seconds_count 5\n",
+            "fleet_heartbeat_latency_seconds_sum 60.259\n",
+        ] {
+            assert!(text.contains(line), "{line:?} not in\n{text}");
+        }
     }
 }
