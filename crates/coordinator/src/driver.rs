@@ -494,17 +494,37 @@ impl Driver {
         });
     }
 
-    /// Counts gaps in a device's per-kind report sequence.
+    /// Counts gaps in a device's per-kind report sequence. A re-sent report (at-least-once:
+    /// an agent re-sends unacknowledged events after reconnecting) is not a step back: the
+    /// highest `seq` seen is kept, or its successor would be counted as a gap.
     fn track_seq(&mut self, id: &DeviceId, kind: Kind, seq: u64) {
         let key = (id.clone(), kind_byte(kind));
-        if let Some(&last) = self.last_seq.get(&key)
+        let last = match self.last_seq.get(&key) {
+            Some(&last) => Some(last),
+            // Events are the steps of an update: their gaps are tracked across restarts.
+            None if kind == Kind::Event => self.devices.get(id).and_then(|d| d.info.last_event_seq),
+            None => None,
+        };
+        if let Some(last) = last
             && seq > last + 1
         {
             let lost = seq - last - 1;
             self.metrics.lost(kind, lost);
-            debug!(device = %id, kind = %kind, lost, "report sequence gap");
+            if kind == Kind::Event {
+                warn!(device = %id, lost, "event sequence gap: update steps lost");
+            } else {
+                debug!(device = %id, kind = %kind, lost, "report sequence gap");
+            }
         }
-        self.last_seq.insert(key, seq);
+        if last.is_none_or(|last| seq > last) {
+            self.last_seq.insert(key, seq);
+            if kind == Kind::Event
+                && let Some(row) = self.devices.get_mut(id)
+            {
+                row.info.last_event_seq = Some(seq);
+                self.dirty_devices.insert(id.clone());
+            }
+        }
     }
 
     /// The registry row of a device, added (and audited) if unknown.
@@ -603,6 +623,7 @@ impl Driver {
                 if ev.device != id {
                     return self.reject_mismatch(&id, &ev.device, Kind::Event, now);
                 }
+                self.ensure_device(&id, now);
                 self.track_seq(&id, Kind::Event, ev.seq);
                 self.on_event(&id, &ev, now);
             }
@@ -696,6 +717,7 @@ impl Driver {
     }
 
     async fn on_heartbeat(&mut self, id: &DeviceId, hb: Heartbeat, now: UnixMillis) {
+        self.metrics.heartbeat_latency(now.since(hb.at));
         let sample = Sample::from_heartbeat(&hb);
         let row = self.ensure_device(id, now);
         let came_back = !row.info.online;
@@ -717,7 +739,6 @@ impl Driver {
                 Event::Heartbeat {
                     device: id.clone(),
                     sample,
-        self.metrics.heartbeat_latency(now.since(hb.at));
                 },
                 now,
             );

@@ -31,6 +31,10 @@ pub struct DeviceInfo {
     pub desired_retry: u32,
     /// The non-final rollout this device belongs to, if any.
     pub rollout: Option<RolloutId>,
+    /// The highest event `seq` received from it, kept across coordinator restarts so that
+    /// events lost while the coordinator was down still show as a gap.
+    #[serde(default)]
+    pub last_event_seq: Option<u64>,
 }
 
 /// The device's latest reported outcome, condensed.
@@ -79,6 +83,7 @@ impl DeviceInfo {
             desired_sequence: 0,
             desired_retry: 0,
             rollout: None,
+            last_event_seq: None,
         }
     }
 
