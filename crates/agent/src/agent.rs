@@ -24,8 +24,9 @@ use crate::link::{Link, LinkEvent, LinkOptions};
 use crate::machine::{self, Action, Ctx, Input, Job, Phase, State};
 use crate::notify::Notifier;
 use crate::outbox::Outbox;
-use crate::runtime::{self, AnyRuntime, AppSpec, Runtime as _};
+use crate::runtime::{self, AnyRuntime, AppSpec, ContainerSpec, Runtime as _};
 use crate::slots::{self, Layout};
+use crate::snapshot;
 use crate::trial::{HealthAnswer, Sample};
 
 /// Why the agent stopped. Each maps to an exit code in the binary (`Exit`).
@@ -102,6 +103,8 @@ struct Driver {
     journal: Journal,
     state: State,
     runtime: AnyRuntime,
+    /// Data snapshots under `paths.state/snapshots`.
+    snapshots: snapshot::Store,
     outbox: Outbox,
     link: Link,
     counters: Counters,
@@ -177,6 +180,12 @@ impl Driver {
             trial_attempts: cfg.trial.attempts,
             failures_allowed: cfg.trial.failures_allowed.max(1),
             restore_timeout: cfg.trial.restore_timeout,
+            data_dirs: cfg
+                .app
+                .data_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect(),
         };
         let runtime = match cfg.app.runtime {
             RuntimeKind::Process => {
@@ -191,6 +200,11 @@ impl Driver {
             RuntimeKind::Systemd => AnyRuntime::Systemd(runtime::Systemd::new(
                 cfg.app.systemd_unit.clone(),
                 cfg.paths.root.join("app-exec"),
+            )),
+            RuntimeKind::Container => AnyRuntime::Container(runtime::Container::new(
+                crate::docker::socket_path(&cfg.app.docker_host)
+                    .ok_or_else(|| Error::Config("app.docker_host: not unix:///PATH".into()))?,
+                cfg.app.stop_grace,
             )),
         };
         let outbox = Outbox::open(&cfg.paths.state.join("outbox"), cfg.reports.outbox_max)
@@ -217,6 +231,7 @@ impl Driver {
         let heartbeat_every = cfg.reports.heartbeat_interval;
         Ok(Driver {
             journal: Journal::new(&cfg.paths.state),
+            snapshots: snapshot::Store::new(&cfg.paths.state),
             topic_events: Topic::Events(id).to_string(),
             cfg,
             ctx,
@@ -391,14 +406,43 @@ impl Driver {
                     _ => {}
                 }
             }
-            Action::StartApp { slot } => {
-                self.start_app(slot).await;
+            Action::StartApp { slot, rollback } => {
+                self.start_app(slot, rollback).await;
                 if matches!(self.state.phase, Phase::Trial { .. }) {
                     fault::point("trial-started");
                 }
                 self.next_probe = Instant::now() + self.probe_interval();
             }
-            Action::StopApp => self.runtime.stop().await,
+            Action::StopApp => {
+                // After a restart the runtime may not know the container yet.
+                let release = self
+                    .state
+                    .phase
+                    .job()
+                    .map(|j| j.release.clone())
+                    .or_else(|| self.state.running().map(|c| c.release.clone()));
+                if let (AnyRuntime::Container(c), Some(r)) = (&mut self.runtime, release)
+                    && let Some(spec) = &r.container
+                {
+                    c.track(&spec.name);
+                }
+                self.runtime.stop().await;
+            }
+            Action::Snapshot { sequence, dirs } => self.snapshot(sequence, dirs).await,
+            Action::Restore { sequence } => {
+                let store = self.snapshots.clone();
+                let tx = self.work_tx.clone();
+                info!(sequence, "restoring the data snapshot");
+                tokio::task::spawn_blocking(move || {
+                    let result = store.restore(sequence);
+                    let _ = tx.blocking_send(Work::Input(Input::Restored { sequence, result }));
+                });
+            }
+            Action::DropSnapshots => {
+                if let Err(e) = self.snapshots.drop_all() {
+                    warn!("cannot remove the data snapshots: {e}");
+                }
+            }
             Action::Redeliver(desired) => {
                 queue.push_back(Input::Desired {
                     desired: *desired,
@@ -439,27 +483,103 @@ impl Driver {
         env
     }
 
-    async fn start_app(&mut self, slot: Slot) {
-        let Some(content) = self.state.slot(slot) else {
+    /// What runs for the release in `slot`: through the `active` link for the process and
+    /// systemd runtimes; for a container release, the image id recorded at install.
+    fn app_spec(&self, slot: Slot, rollback: bool) -> Option<AppSpec> {
+        let release = &self.state.slot(slot)?.release;
+        let active = self.layout.active();
+        let args: Vec<String> = release
+            .run
+            .args
+            .iter()
+            .map(|a| with_port(a, self.cfg.app.port))
+            .collect();
+        let env = self.app_env(release);
+        let container = release.container.as_ref().map(|c| ContainerSpec {
+            name: c.name.clone(),
+            image: std::fs::read_to_string(self.layout.slot_dir(slot).join(IMAGE_ID_FILE))
+                .map(|t| t.trim().to_owned())
+                .unwrap_or_else(|_| c.image.clone()),
+            rollback,
+            network: c.network.clone(),
+            ports: c
+                .ports
+                .iter()
+                .filter_map(|p| fleet_proto::release::parse_port(p).ok())
+                .map(|mut p| {
+                    p.host_port = with_port(&p.host_port, self.cfg.app.port);
+                    p
+                })
+                .collect(),
+            volumes: c.volumes.clone(),
+            devices: c.devices.clone(),
+            restart: c.restart,
+            entrypoint: (!release.run.entrypoint.is_empty())
+                .then(|| release.run.entrypoint.clone()),
+            args: args.clone(),
+            env: env.clone(),
+        });
+        Some(AppSpec {
+            program: active.join(&release.run.entrypoint),
+            args,
+            env,
+            dir: active,
+            container,
+        })
+    }
+
+    /// Before the swap: keep the rollback image, stop the app if there is data to snapshot,
+    /// then archive the data on a blocking thread, which answers `Input::Snapshotted`.
+    async fn snapshot(&mut self, sequence: u64, dirs: Vec<String>) {
+        let previous = match &self.state.phase {
+            Phase::Snapshotting { previous, .. } => *previous,
+            _ => None,
+        };
+        if let Some(spec) = previous.and_then(|p| self.app_spec(p, false))
+            && let Some(c) = &spec.container
+        {
+            if let AnyRuntime::Container(rt) = &mut self.runtime {
+                rt.track(&c.name);
+            }
+            if let Err(e) = self.runtime.keep_for_rollback(&spec).await {
+                let _ = self.work_tx.try_send(Work::Input(Input::Snapshotted {
+                    sequence,
+                    result: Err(format!("cannot keep the rollback image: {e}")),
+                }));
+                return;
+            }
+        }
+        if dirs.is_empty() {
+            let _ = self.work_tx.try_send(Work::Input(Input::Snapshotted {
+                sequence,
+                result: Ok(()),
+            }));
+            return;
+        }
+        // Design: the app is stopped first so the snapshot is consistent; the swap restarts it.
+        self.runtime.stop().await;
+        info!(sequence, dirs = ?dirs, "taking the data snapshot");
+        let store = self.snapshots.clone();
+        let tx = self.work_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = store.take(sequence, &dirs);
+            let _ = tx.blocking_send(Work::Input(Input::Snapshotted { sequence, result }));
+        });
+    }
+
+    async fn start_app(&mut self, slot: Slot, rollback: bool) {
+        let Some(spec) = self.app_spec(slot, rollback) else {
             error!(slot = %slot, "asked to start an empty slot");
             return;
         };
-        let release = &content.release;
-        let active = self.layout.active();
-        let spec = AppSpec {
-            program: active.join(&release.run.entrypoint),
-            args: release
-                .run
-                .args
-                .iter()
-                .map(|a| with_port(a, self.cfg.app.port))
-                .collect(),
-            env: self.app_env(release),
-            dir: active,
-        };
+        let release = self
+            .state
+            .slot(slot)
+            .map(|c| c.release.clone())
+            .expect("app_spec found the slot");
         // Design: an agent restart (watchdog, crash, upgrade) is not a reason to restart an app
-        // that outlived it and runs the committed release; only the systemd runtime can have
-        // one, and it checks what runs before saying yes.
+        // that outlived it and runs the committed release; only the systemd and container
+        // runtimes can have one, and they check what runs before saying yes.
         if self.booting
             && matches!(self.state.phase, Phase::Idle)
             && self.runtime.adopt(&spec).await
@@ -519,9 +639,20 @@ impl Driver {
         let tx = self.work_tx.clone();
         let timeout = self.cfg.trial.hook_timeout;
         let env = self.app_env(&job.release);
+        let engine = match self.cfg.app.runtime {
+            RuntimeKind::Container => {
+                crate::docker::socket_path(&self.cfg.app.docker_host).map(|s| {
+                    Engine::Docker(
+                        crate::docker::Docker::new(s),
+                        tokio::runtime::Handle::current(),
+                    )
+                })
+            }
+            other => Some(Engine::None(other)),
+        };
         info!(version = %job.release.version, slot = %slot, "installing");
         tokio::task::spawn_blocking(move || {
-            let result = install(&layout, &job, slot, timeout, &env);
+            let result = install(&layout, &job, slot, timeout, &env, engine.as_ref());
             if result.is_ok() {
                 fault::point("install-done");
             }
@@ -808,17 +939,85 @@ fn input_name(input: &Input) -> &'static str {
         Input::Installed { .. } => "Installed",
         Input::Swapped { .. } => "Swapped",
         Input::Probe { .. } => "Probe",
+        Input::Snapshotted { .. } => "Snapshotted",
+        Input::Restored { .. } => "Restored",
     }
 }
 
+/// In a slot of a container release: the id of the image the release runs, written at install.
+pub const IMAGE_ID_FILE: &str = ".fleet-image-id";
+
+/// Where an installed release's image goes: the container engine, or nowhere (the runtime
+/// that is configured instead).
+enum Engine {
+    Docker(crate::docker::Docker, tokio::runtime::Handle),
+    None(RuntimeKind),
+}
+
+/// Container releases: loads the image tarball from the slot (if the release has one), checks
+/// the image is there with the expected id, and records the id in the slot.
+fn install_image(
+    engine: Option<&Engine>,
+    release: &fleet_proto::Release,
+    dir: &std::path::Path,
+) -> Result<(), Failure> {
+    let fail = |detail: String| Failure::Install { detail };
+    let (docker, handle) = match (engine, &release.container) {
+        (Some(Engine::Docker(d, h)), Some(_)) => (d, h),
+        (Some(Engine::Docker(..)), None) => {
+            return Err(fail(
+                "the release has no [container] section; this device runs containers (app.runtime = \"container\")".into(),
+            ));
+        }
+        (Some(Engine::None(kind)), Some(_)) => {
+            return Err(fail(format!(
+                "the release is a container release ([container]); this device's app.runtime is {}",
+                kind.as_str()
+            )));
+        }
+        (None, _) | (Some(Engine::None(_)), None) => return Ok(()),
+    };
+    let c = release.container.as_ref().expect("matched above");
+    if let Some(load) = &c.load {
+        let tarball = dir.join(load);
+        if !tarball.is_file() {
+            return Err(fail(format!("the artifact has no image tarball {load}")));
+        }
+        handle
+            .block_on(docker.load(&tarball, Duration::from_secs(30 * 60)))
+            .map_err(|e| fail(format!("cannot load image {}: {e}", c.image)))?;
+    }
+    let id = handle.block_on(docker.image_id(&c.image)).map_err(|e| {
+        fail(if e.is_not_found() {
+            format!("image {} is not on the device", c.image)
+        } else {
+            format!("cannot inspect image {}: {e}", c.image)
+        })
+    })?;
+    if let Some(want) = &c.image_id
+        && *want != id
+    {
+        return Err(fail(format!(
+            "image {} has id {id}, the release pins {want}",
+            c.image
+        )));
+    }
+    crate::fsutil::write_atomic(&dir.join(IMAGE_ID_FILE), id.as_bytes())
+        .map_err(|e| fail(format!("cannot record the image id: {e}")))?;
+    info!(image = %c.image, id = %id, "image ready");
+    Ok(())
+}
+
 /// Wipes the standby slot, unpacks the staged artifact (re-checking its digest first: the
-/// staged file may be from before a restart), syncs, and runs the post-install hook.
+/// staged file may be from before a restart), syncs, runs the post-install hook, and for a
+/// container release loads and checks its image.
 fn install(
     layout: &Layout,
     job: &Job,
     slot: Slot,
     hook_timeout: Duration,
     env: &[(String, String)],
+    engine: Option<&Engine>,
 ) -> Result<(), Failure> {
     let fail = |detail: String| Failure::Install { detail };
     let arch = Arch::current().ok_or_else(|| fail("unknown architecture".into()))?;
@@ -849,6 +1048,7 @@ fn install(
     slots::unpack(&staged, &dir).map_err(|e| fail(e.to_string()))?;
     crate::fsutil::sync_fs(&dir).map_err(|e| fail(format!("cannot sync {slot}: {e}")))?;
     slots::run_hook(&dir, hook_timeout, env).map_err(|detail| Failure::Hook { detail })?;
+    install_image(engine, &job.release, &dir)?;
     crate::fsutil::sync_fs(&dir).map_err(|e| fail(format!("cannot sync {slot}: {e}")))?;
     Ok(())
 }

@@ -111,6 +111,8 @@ pub enum RuntimeKind {
     Process,
     /// `systemctl restart UNIT`; the unit runs `ROOT/app-exec`, which the agent writes.
     Systemd,
+    /// A container through the Docker Engine API (`app.docker_host`); releases name an image.
+    Container,
 }
 
 impl RuntimeKind {
@@ -118,6 +120,7 @@ impl RuntimeKind {
         match self {
             RuntimeKind::Process => "process",
             RuntimeKind::Systemd => "systemd",
+            RuntimeKind::Container => "container",
         }
     }
 }
@@ -146,6 +149,12 @@ pub struct AppConfig {
     pub crash_loop_window: Duration,
     /// Process runtime: append the app's output to this file instead of the agent's stderr.
     pub log_file: Option<PathBuf>,
+    /// Data directories the application owns, snapshotted before every swap and restored on a
+    /// rollback, besides those a release names in `[data] dirs`. Absolute paths.
+    pub data_dirs: Vec<PathBuf>,
+    /// Container runtime: the engine's API socket, `unix:///PATH` (Docker, or podman's
+    /// Docker-compatible service).
+    pub docker_host: String,
 }
 
 impl Default for AppConfig {
@@ -160,6 +169,8 @@ impl Default for AppConfig {
             restart_reset: Duration::from_secs(60),
             crash_loop_window: Duration::from_secs(300),
             log_file: None,
+            data_dirs: Vec::new(),
+            docker_host: "unix:///var/run/docker.sock".into(),
         }
     }
 }
@@ -318,6 +329,7 @@ pub fn load(
                 .list_separator(",")
                 .with_list_parse_key("trust.keys")
                 .with_list_parse_key("device.tags")
+                .with_list_parse_key("app.data_dirs")
                 .try_parsing(true)
                 .source(Some(env)),
         )
@@ -381,6 +393,23 @@ impl Config {
         }
         if self.mqtt.reconnect_min > self.mqtt.reconnect_max {
             return Err("mqtt.reconnect_min must not exceed mqtt.reconnect_max".into());
+        }
+        if let Some(d) = self
+            .app
+            .data_dirs
+            .iter()
+            .find(|d| d.is_relative() || d.parent().is_none())
+        {
+            return Err(format!(
+                "app.data_dirs: {} must be an absolute directory path other than /",
+                d.display()
+            ));
+        }
+        if crate::docker::socket_path(&self.app.docker_host).is_none() {
+            return Err(format!(
+                "app.docker_host: {:?} must be unix:///PATH (the engine's API socket)",
+                self.app.docker_host
+            ));
         }
         Ok(())
     }

@@ -10,7 +10,10 @@
 //! - [`journal`]: the state machine's state on disk: checksummed, atomic, with a previous copy.
 //! - [`slots`]: `slot-a`/`slot-b`, the atomic `active` link swap, safe tar.gz unpacking, hooks.
 //! - [`fetch`]: resumable, bounded, hashed artifact download (http, https, file).
-//! - [`runtime`]: the app runtime trait; process supervisor and systemd implementations.
+//! - [`runtime`]: the app runtime trait; process supervisor, systemd and container
+//!   implementations.
+//! - [`docker`]: the small Docker Engine API client the container runtime uses.
+//! - [`snapshot`]: data snapshots taken before a swap and restored on a rollback.
 //! - [`health`]: health layers 2–4: system, health endpoint, functional probe.
 //! - [`outbox`]: the durable, ordered, bounded event outbox.
 //! - [`link`]: the MQTT client driver (rumqttc), reconnects, event acknowledgements.
@@ -26,6 +29,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod docker;
 pub mod fault;
 pub mod fetch;
 pub mod fsutil;
@@ -37,6 +41,7 @@ pub mod notify;
 pub mod outbox;
 pub mod runtime;
 pub mod slots;
+pub mod snapshot;
 pub mod trial;
 
 pub use agent::{Error, Options, run, run_with};

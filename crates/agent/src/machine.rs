@@ -5,10 +5,15 @@
 //! [`resolve`]).
 //!
 //! ```text
-//! Idle ─desired─▶ Downloading ─ok─▶ Installing ─ok─▶ Swapping ─swapped─▶ Trial ─good─▶ Idle (committed)
-//!   │  (standby has it) ─────────────────────────────▶ Swapping               └─bad──▶ RollingBack ─▶ Idle
+//! Idle ─desired─▶ Downloading ─ok─▶ Installing ─ok─▶ [Snapshotting] ─▶ Swapping ─swapped─▶ Trial ─good─▶ Idle (committed)
+//!   │  (standby has it) ─────────────────────────────▶ [Snapshotting] ─▶ Swapping     └─bad──▶ [Restoring] ─▶ RollingBack ─▶ Idle
 //!   └─ refused / failed ─▶ Idle
 //! ```
+//!
+//! `Snapshotting` and `Restoring` happen only for a release with data directories (its own or
+//! the agent's `app.data_dirs`) or a container: the data is archived (and the container's
+//! image kept as the rollback image) before the swap, and put back before the previous
+//! version starts again.
 
 use std::time::Duration;
 
@@ -33,6 +38,9 @@ pub struct Ctx {
     pub trial_attempts: u32,
     pub failures_allowed: u32,
     pub restore_timeout: Duration,
+    /// Data directories from the agent's config (`app.data_dirs`), snapshotted for every
+    /// release besides the release's own `data_dirs`.
+    pub data_dirs: Vec<String>,
 }
 
 /// A release that is completely installed in a slot.
@@ -98,6 +106,26 @@ pub enum Phase {
         to: Option<Slot>,
         reason: RollbackReason,
         deadline: UnixMillis,
+        /// Why the data snapshot could not be restored, if it could not: reported with the
+        /// rollback as `Failed{Rollback}`.
+        #[serde(default)]
+        restore_problem: Option<String>,
+    },
+    /// `slot` is completely installed; before the swap the app is stopped (when there are
+    /// data directories), the data snapshotted and, for a container, the running container's
+    /// image tagged as the rollback image. `active` still points to `previous`.
+    Snapshotting {
+        job: Job,
+        slot: Slot,
+        previous: Option<Slot>,
+    },
+    /// Rolling back from `from` to `to`: the new version is stopped and the data snapshot
+    /// restored (and checked) before the previous version starts.
+    Restoring {
+        job: Job,
+        from: Slot,
+        to: Option<Slot>,
+        reason: RollbackReason,
     },
 }
 
@@ -107,9 +135,11 @@ impl Phase {
             Phase::Idle => UpdatePhase::Idle,
             Phase::Downloading { .. } => UpdatePhase::Downloading,
             Phase::Installing { .. } => UpdatePhase::Installing,
-            Phase::Swapping { .. } => UpdatePhase::Swapping,
+            // Design: the wire keeps its six phases; the two new steps belong to the swap and
+            // to the rollback from the coordinator's point of view.
+            Phase::Swapping { .. } | Phase::Snapshotting { .. } => UpdatePhase::Swapping,
             Phase::Trial { .. } => UpdatePhase::Trial,
-            Phase::RollingBack { .. } => UpdatePhase::RollingBack,
+            Phase::RollingBack { .. } | Phase::Restoring { .. } => UpdatePhase::RollingBack,
         }
     }
 
@@ -120,7 +150,9 @@ impl Phase {
             | Phase::Installing { job, .. }
             | Phase::Swapping { job, .. }
             | Phase::Trial { job, .. }
-            | Phase::RollingBack { job, .. } => Some(job),
+            | Phase::RollingBack { job, .. }
+            | Phase::Snapshotting { job, .. }
+            | Phase::Restoring { job, .. } => Some(job),
         }
     }
 }
@@ -181,7 +213,7 @@ impl State {
     /// The slot the `active` link must point to in this state.
     pub fn link_target(&self) -> Option<Slot> {
         match &self.phase {
-            Phase::Trial { slot, .. } => Some(*slot),
+            Phase::Trial { slot, .. } | Phase::Restoring { from: slot, .. } => Some(*slot),
             Phase::RollingBack { to, .. } => *to,
             _ => self.active,
         }
@@ -214,6 +246,16 @@ pub enum Input {
     Swapped { sequence: u64 },
     /// A probe of the app during a trial or a rollback.
     Probe { sequence: u64, sample: Sample },
+    /// The data snapshot (and rollback image) of job `sequence` is complete, or could not be made.
+    Snapshotted {
+        sequence: u64,
+        result: Result<(), String>,
+    },
+    /// The data snapshot of job `sequence` is back in place and checked, or could not be.
+    Restored {
+        sequence: u64,
+        result: Result<(), String>,
+    },
 }
 
 /// What the driver must do, in order, after persisting the state.
@@ -247,11 +289,28 @@ pub enum Action {
     Swap {
         to: Option<Slot>,
     },
-    /// (Re)start the app from the given slot's release.
+    /// (Re)start the app from the given slot's release; `rollback`: as the previous version
+    /// after a failed trial (the container runtime starts its rollback image).
     StartApp {
         slot: Slot,
+        rollback: bool,
     },
     StopApp,
+    /// Before the swap to job `sequence`: stop the app if `dirs` is not empty, archive `dirs`
+    /// (with checksums, free space checked first) into the state directory, replacing any
+    /// older snapshot, and keep the running container's image as the rollback image; then
+    /// answer `Input::Snapshotted`.
+    Snapshot {
+        sequence: u64,
+        dirs: Vec<String>,
+    },
+    /// Put job `sequence`'s snapshot back (the app is stopped), check it, answer
+    /// `Input::Restored`.
+    Restore {
+        sequence: u64,
+    },
+    /// Delete every data snapshot: the update they were for has ended.
+    DropSnapshots,
     /// A desired state that waited while busy, to be fed back as `Input::Desired`.
     Redeliver(Box<Desired>),
     SetReportInterval(Duration),
@@ -328,7 +387,7 @@ pub fn step(ctx: &Ctx, state: State, input: Input, now: UnixMillis) -> (State, V
                     });
                     actions.push(emit(&job, EventKind::Installed { slot }));
                     actions.push(Action::DiscardStaging);
-                    begin_swap(&mut s, job, slot, &mut actions);
+                    prepare_swap(ctx, &mut s, job, slot, &mut actions);
                 }
                 Err(failure) => {
                     actions.push(Action::WipeSlot { slot });
@@ -364,8 +423,106 @@ pub fn step(ctx: &Ctx, state: State, input: Input, now: UnixMillis) -> (State, V
         Input::Probe { sequence, sample } => {
             on_probe(ctx, &mut s, sequence, sample, now, &mut actions)
         }
+        Input::Snapshotted { sequence, result } => {
+            let Phase::Snapshotting {
+                job,
+                slot,
+                previous,
+            } = &s.phase
+            else {
+                return (s, actions);
+            };
+            if job.sequence != sequence {
+                return (s, actions);
+            }
+            let (job, slot, previous) = (job.clone(), *slot, *previous);
+            match result {
+                Ok(()) => begin_swap(&mut s, job, slot, &mut actions),
+                Err(detail) => {
+                    // The committed version was stopped for the snapshot: it runs again, on
+                    // data nothing has touched; the complete install stays in standby.
+                    if let Some(active) = previous {
+                        actions.push(Action::StartApp {
+                            slot: active,
+                            rollback: false,
+                        });
+                    }
+                    actions.push(Action::DropSnapshots);
+                    finish_failed(
+                        &mut s,
+                        &job,
+                        Failure::Snapshot { detail },
+                        now,
+                        &mut actions,
+                    );
+                }
+            }
+        }
+        Input::Restored { sequence, result } => {
+            let Phase::Restoring {
+                job,
+                from,
+                to,
+                reason,
+            } = &s.phase
+            else {
+                return (s, actions);
+            };
+            if job.sequence != sequence {
+                return (s, actions);
+            }
+            let (job, from, to, reason) = (job.clone(), *from, *to, reason.clone());
+            let problem = result
+                .err()
+                .map(|e| format!("the data snapshot was not restored: {e}"));
+            swap_back(
+                ctx,
+                &mut s,
+                job,
+                from,
+                to,
+                reason,
+                problem,
+                now,
+                &mut actions,
+            );
+        }
     }
     (s, actions)
+}
+
+/// The data directories snapshotted for `job`: the agent's, then the release's own.
+pub fn snapshot_dirs(ctx: &Ctx, job: &Job) -> Vec<String> {
+    let mut dirs = ctx.data_dirs.clone();
+    for d in &job.release.data_dirs {
+        if !dirs.contains(d) {
+            dirs.push(d.clone());
+        }
+    }
+    dirs
+}
+
+/// Whether the swap to `job` is prepared by a `Snapshotting` step.
+fn needs_snapshot(ctx: &Ctx, job: &Job) -> bool {
+    job.release.container.is_some() || !snapshot_dirs(ctx, job).is_empty()
+}
+
+/// The swap, preceded by the snapshot when the release needs one.
+fn prepare_swap(ctx: &Ctx, s: &mut State, job: Job, slot: Slot, actions: &mut Vec<Action>) {
+    if !needs_snapshot(ctx, &job) {
+        begin_swap(s, job, slot, actions);
+        return;
+    }
+    actions.push(Action::Snapshot {
+        sequence: job.sequence,
+        dirs: snapshot_dirs(ctx, &job),
+    });
+    s.phase = Phase::Snapshotting {
+        job,
+        slot,
+        previous: s.active,
+    };
+    actions.push(Action::Report);
 }
 
 fn artifact_size(ctx: &Ctx, job: &Job) -> u64 {
@@ -398,7 +555,10 @@ fn start_trial(
     actions: &mut Vec<Action>,
 ) {
     let deadline = now.saturating_add(job.release.trial.deadline);
-    actions.push(Action::StartApp { slot });
+    actions.push(Action::StartApp {
+        slot,
+        rollback: false,
+    });
     actions.push(emit(
         &job,
         EventKind::TrialStarted {
@@ -467,6 +627,9 @@ fn on_probe(
                     s.applied_sequence = s.applied_sequence.max(job.sequence);
                     s.last_outcome = Some(outcome(&job, OutcomeKind::Committed, now));
                     actions.push(emit(&job, EventKind::Committed { slot }));
+                    if needs_snapshot(ctx, &job) {
+                        actions.push(Action::DropSnapshots);
+                    }
                     go_idle(s, actions);
                 }
                 Verdict::RollBack(reason) => {
@@ -479,9 +642,11 @@ fn on_probe(
             to,
             reason,
             deadline,
+            restore_problem,
             ..
         } if job.sequence == sequence => {
             let (job, to, reason, deadline) = (job.clone(), *to, reason.clone(), *deadline);
+            let data_problem = restore_problem.clone();
             let expected = to
                 .and_then(|t| s.slot(t))
                 .map(|c| c.release.health.expected_version.clone());
@@ -491,19 +656,24 @@ fn on_probe(
                     if version == v && matches!(status, fleet_proto::device::AppStatus::Healthy | fleet_proto::device::AppStatus::Degraded)
             );
             if restored_ok {
-                finish_rollback(s, &job, to, reason, None, now, actions);
+                finish_rollback(ctx, s, &job, to, reason, data_problem, now, actions);
             } else if now >= deadline {
-                let detail = format!(
+                let mut detail = format!(
                     "no healthy answer from the previous version before the deadline (last: {:?})",
                     sample.health
                 );
-                finish_rollback(s, &job, to, reason, Some(detail), now, actions);
+                if let Some(p) = data_problem {
+                    detail = format!("{p}; {detail}");
+                }
+                finish_rollback(ctx, s, &job, to, reason, Some(detail), now, actions);
             }
         }
         _ => {}
     }
 }
 
+/// Starts a rollback: through `Restoring` when the data was snapshotted (the new version
+/// stops, the data goes back, then the previous version starts), else straight to the swap back.
 #[allow(clippy::too_many_arguments)]
 fn roll_back(
     ctx: &Ctx,
@@ -515,10 +685,44 @@ fn roll_back(
     now: UnixMillis,
     actions: &mut Vec<Action>,
 ) {
+    if snapshot_dirs(ctx, &job).is_empty() {
+        swap_back(ctx, s, job, from, to, reason, None, now, actions);
+        return;
+    }
+    actions.push(Action::StopApp);
+    actions.push(Action::Restore {
+        sequence: job.sequence,
+    });
+    s.phase = Phase::Restoring {
+        job,
+        from,
+        to,
+        reason,
+    };
+    actions.push(Action::Report);
+}
+
+/// Points `active` back at `to` and starts the previous version (or stops the app when there
+/// is none); `RollingBack` then waits for it to answer healthy.
+#[allow(clippy::too_many_arguments)]
+fn swap_back(
+    ctx: &Ctx,
+    s: &mut State,
+    job: Job,
+    from: Slot,
+    to: Option<Slot>,
+    reason: RollbackReason,
+    restore_problem: Option<String>,
+    now: UnixMillis,
+    actions: &mut Vec<Action>,
+) {
     let to = to.filter(|t| s.slot(*t).is_some());
     actions.push(Action::Swap { to });
     match to {
-        Some(slot) => actions.push(Action::StartApp { slot }),
+        Some(slot) => actions.push(Action::StartApp {
+            slot,
+            rollback: true,
+        }),
         None => actions.push(Action::StopApp),
     }
     s.phase = Phase::RollingBack {
@@ -527,16 +731,18 @@ fn roll_back(
         to,
         reason: reason.clone(),
         deadline: now.saturating_add(ctx.restore_timeout),
+        restore_problem: restore_problem.clone(),
     };
     actions.push(Action::Report);
     if to.is_none() {
         // Nothing to restore: the rollback is complete once the app is stopped.
-        finish_rollback(s, &job, None, reason, None, now, actions);
+        finish_rollback(ctx, s, &job, None, reason, restore_problem, now, actions);
     }
 }
 
 #[allow(clippy::too_many_arguments)]
 fn finish_rollback(
+    ctx: &Ctx,
     s: &mut State,
     job: &Job,
     to: Option<Slot>,
@@ -553,6 +759,7 @@ fn finish_rollback(
     s.applied_sequence = s.applied_sequence.max(job.sequence);
     s.last_outcome = Some(outcome(job, OutcomeKind::RolledBack(reason.clone()), now));
     actions.push(emit(job, EventKind::RolledBack { reason, restored }));
+    let keep_snapshot = restore_problem.is_some() && !snapshot_dirs(ctx, job).is_empty();
     if let Some(detail) = restore_problem {
         actions.push(emit(
             job,
@@ -560,6 +767,11 @@ fn finish_rollback(
                 reason: Failure::Rollback { detail },
             },
         ));
+    }
+    // Design: a snapshot that could not be put back (or whose version did not come back) is
+    // left for a human until the next update replaces it; a good rollback drops it.
+    if needs_snapshot(ctx, job) && !keep_snapshot {
+        actions.push(Action::DropSnapshots);
     }
     go_idle(s, actions);
 }
@@ -752,7 +964,7 @@ fn on_desired(
     if in_standby {
         accept(s, &job);
         actions.push(emit(&job, EventKind::Verified));
-        begin_swap(s, job, standby, actions);
+        prepare_swap(ctx, s, job, standby, actions);
     } else {
         actions.push(Action::Download {
             job: Box::new(job.clone()),
@@ -769,10 +981,13 @@ fn on_desired(
 /// | `Idle` | point `active` at the journal's active slot if it differs; start the app |
 /// | `Downloading` | resume the download (staging is kept; size + sha256 re-checked) |
 /// | `Installing` | half-finished install: wipe the standby slot, download again (a complete staged file is only re-hashed) |
+/// | `Snapshotting` | the install is complete: stop the app, take the snapshot again from the start (and tag the rollback image), then swap |
 /// | `Swapping` | the install is complete: (re)do the swap, whether or not the rename happened |
 /// | `Trial` with attempts left | resume the trial with one attempt less and a fresh deadline |
-/// | `Trial`, no attempts left | roll back, reason `AgentRestarted` |
+/// | `Trial`, no attempts left | roll back, reason `AgentRestarted` (through `Restoring` when there is a snapshot) |
+/// | `Restoring` | stop the app, restore the snapshot again from the start and check it, then swap back |
 /// | `RollingBack` | redo the swap back and restart the previous version; verify it again |
+/// | `Idle` (also) | drop any data snapshot left over |
 ///
 /// In every case the highest accepted counter is kept as it is.
 fn resolve(
@@ -793,8 +1008,13 @@ fn resolve(
             if link != s.active {
                 actions.push(Action::Swap { to: s.active });
             }
+            // A crash between the journal's Idle and the snapshot's removal leaves one.
+            actions.push(Action::DropSnapshots);
             if let Some(slot) = s.active {
-                actions.push(Action::StartApp { slot });
+                actions.push(Action::StartApp {
+                    slot,
+                    rollback: false,
+                });
             }
             actions.push(Action::Report);
             if let Some(next) = s.pending.take() {
@@ -814,6 +1034,21 @@ fn resolve(
             });
             s.phase = Phase::Downloading { job };
             actions.push(Action::Report);
+        }
+        Phase::Snapshotting { job, slot, .. } => {
+            // The link was never moved in this phase; the snapshot is taken again whole.
+            if link != s.active {
+                actions.push(Action::Swap { to: s.active });
+            }
+            prepare_swap(ctx, s, job, slot, actions);
+        }
+        Phase::Restoring {
+            job,
+            from,
+            to,
+            reason,
+        } => {
+            roll_back(ctx, s, job, from, to, reason, now, actions);
         }
         Phase::Swapping {
             job,
@@ -858,9 +1093,11 @@ fn resolve(
             from,
             to,
             reason,
+            restore_problem,
             ..
         } => {
-            roll_back(ctx, s, job, from, to, reason, now, actions);
+            // The data (if any) is already back: only the swap back and the start are redone.
+            swap_back(ctx, s, job, from, to, reason, restore_problem, now, actions);
         }
     }
 }
@@ -871,7 +1108,10 @@ fn start_current(s: &State, link: Option<Slot>, actions: &mut Vec<Action>) {
         actions.push(Action::Swap { to: s.active });
     }
     if let Some(slot) = s.active {
-        actions.push(Action::StartApp { slot });
+        actions.push(Action::StartApp {
+            slot,
+            rollback: false,
+        });
     }
 }
 

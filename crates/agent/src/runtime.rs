@@ -1,5 +1,7 @@
 //! How the application runs, behind one trait: [`Process`] (the agent starts and supervises
-//! the app itself) and [`Systemd`] (`systemctl restart UNIT`, state from `systemctl show`).
+//! the app itself), [`Systemd`] (`systemctl restart UNIT`, state from `systemctl show`) and
+//! [`Container`] (the Docker Engine API: create and start a container from the release's image,
+//! state and restart count from the engine).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -18,7 +20,37 @@ pub struct AppSpec {
     pub env: Vec<(String, String)>,
     /// `ROOT/active`.
     pub dir: PathBuf,
+    /// Set for a container release: what the container runtime creates.
+    pub container: Option<ContainerSpec>,
 }
+
+/// A container to run, resolved by the driver from the release and the device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ContainerSpec {
+    pub name: String,
+    /// The image id recorded when the release was installed (or its reference).
+    pub image: String,
+    /// Start the rollback image `NAME:fleet-rollback` (kept before the swap) instead of
+    /// `image`, when it exists: the previous version after a failed trial.
+    pub rollback: bool,
+    pub network: Option<String>,
+    /// `{port}` already replaced.
+    pub ports: Vec<fleet_proto::release::PortMapping>,
+    pub volumes: Vec<String>,
+    pub devices: Vec<String>,
+    pub restart: fleet_proto::release::RestartPolicy,
+    /// Replaces the image's entrypoint when set.
+    pub entrypoint: Option<String>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+/// The tag that keeps the previous version's image: `NAME:fleet-rollback`.
+pub fn rollback_image(name: &str) -> String {
+    format!("{name}:{ROLLBACK_TAG}")
+}
+
+pub const ROLLBACK_TAG: &str = "fleet-rollback";
 
 /// The runtime's view of the app.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -42,6 +74,10 @@ pub enum RuntimeError {
     },
     #[error("systemctl {args}: {detail}")]
     Systemctl { args: String, detail: String },
+    #[error(transparent)]
+    Docker(#[from] crate::docker::DockerError),
+    #[error("{0}")]
+    Spec(String),
 }
 
 /// The two ways an app runs. `start` replaces whatever ran before.
@@ -57,6 +93,16 @@ pub trait Runtime: Send {
     fn adopt(&mut self, spec: &AppSpec) -> impl std::future::Future<Output = bool> + Send;
     /// Current state; restarts counted within `window`.
     fn status(&mut self, window: Duration) -> impl std::future::Future<Output = Status> + Send;
+    /// Before a swap: keep what a rollback to `current` (the version running now) will need
+    /// that the new version could take away. Only the container runtime has something to do:
+    /// it tags the running container's image as the rollback image.
+    fn keep_for_rollback(
+        &mut self,
+        current: &AppSpec,
+    ) -> impl std::future::Future<Output = Result<(), RuntimeError>> + Send {
+        let _ = current;
+        async { Ok(()) }
+    }
 }
 
 /// The configured runtime.
@@ -64,6 +110,7 @@ pub trait Runtime: Send {
 pub enum AnyRuntime {
     Process(Process),
     Systemd(Systemd),
+    Container(Container),
 }
 
 impl Runtime for AnyRuntime {
@@ -71,24 +118,34 @@ impl Runtime for AnyRuntime {
         match self {
             AnyRuntime::Process(p) => p.start(spec).await,
             AnyRuntime::Systemd(s) => s.start(spec).await,
+            AnyRuntime::Container(c) => c.start(spec).await,
         }
     }
     async fn stop(&mut self) {
         match self {
             AnyRuntime::Process(p) => p.stop().await,
             AnyRuntime::Systemd(s) => s.stop().await,
+            AnyRuntime::Container(c) => c.stop().await,
         }
     }
     async fn status(&mut self, window: Duration) -> Status {
         match self {
             AnyRuntime::Process(p) => p.status(window).await,
             AnyRuntime::Systemd(s) => s.status(window).await,
+            AnyRuntime::Container(c) => c.status(window).await,
         }
     }
     async fn adopt(&mut self, spec: &AppSpec) -> bool {
         match self {
             AnyRuntime::Process(p) => p.adopt(spec).await,
             AnyRuntime::Systemd(s) => s.adopt(spec).await,
+            AnyRuntime::Container(c) => c.adopt(spec).await,
+        }
+    }
+    async fn keep_for_rollback(&mut self, current: &AppSpec) -> Result<(), RuntimeError> {
+        match self {
+            AnyRuntime::Container(c) => c.keep_for_rollback(current).await,
+            _ => Ok(()),
         }
     }
 }
@@ -646,6 +703,257 @@ impl Runtime for Systemd {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Container
+
+/// Runs the release's image as one container, always under the same name, through the engine's
+/// API ([`crate::docker`]). `start` replaces the container (stop, remove, create, start); the
+/// engine applies the release's restart policy; `status` reads `State` and `RestartCount`.
+#[derive(Debug)]
+pub struct Container {
+    docker: crate::docker::Docker,
+    stop_grace: Duration,
+    /// The container this runtime started or adopted last.
+    name: Option<String>,
+    /// RestartCount at the start or adoption, and the instants its increases were seen.
+    base_restarts: Option<u32>,
+    seen_restarts: u32,
+    restarts: VecDeque<Instant>,
+    /// The last `start` failed before the container ran (create or start refused).
+    start_failed: bool,
+}
+
+/// The label holding a digest of the create request: an adopted container must carry the
+/// same one.
+pub const SPEC_LABEL: &str = "io.fleet.spec";
+
+/// The Engine API create body for `spec`, running `image`.
+pub fn create_body(spec: &ContainerSpec, image: &str) -> serde_json::Value {
+    use serde_json::{Map, Value, json};
+    let mut exposed = Map::new();
+    let mut bindings = Map::new();
+    for p in &spec.ports {
+        let key = format!("{}/{}", p.container_port, p.protocol);
+        exposed.insert(key.clone(), json!({}));
+        let list = bindings
+            .entry(key)
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Value::Array(list) = list {
+            list.push(json!({
+                "HostIp": p.host_ip.clone().unwrap_or_default(),
+                "HostPort": p.host_port,
+            }));
+        }
+    }
+    let devices: Vec<Value> = spec
+        .devices
+        .iter()
+        .map(|d| {
+            let mut parts = d.splitn(3, ':');
+            let host = parts.next().unwrap_or_default();
+            let inside = parts.next().unwrap_or(host);
+            let perms = parts.next().unwrap_or("rwm");
+            json!({"PathOnHost": host, "PathInContainer": inside, "CgroupPermissions": perms})
+        })
+        .collect();
+    let mut host_config = json!({
+        "Binds": spec.volumes,
+        "Devices": devices,
+        "PortBindings": bindings,
+        "RestartPolicy": {"Name": spec.restart.as_str(), "MaximumRetryCount": 0},
+    });
+    if let Some(n) = &spec.network {
+        host_config["NetworkMode"] = json!(n);
+    }
+    let mut body = json!({
+        "Image": image,
+        "Env": spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>(),
+        "ExposedPorts": exposed,
+        "HostConfig": host_config,
+    });
+    if !spec.args.is_empty() {
+        body["Cmd"] = json!(spec.args);
+    }
+    if let Some(e) = &spec.entrypoint {
+        body["Entrypoint"] = json!([e]);
+    }
+    let digest = fleet_proto::hex::Sha256::of(body.to_string().as_bytes());
+    body["Labels"] = json!({ SPEC_LABEL: digest.to_string(), "io.fleet.managed": "fleet-agent" });
+    body
+}
+
+impl Container {
+    pub fn new(socket: PathBuf, stop_grace: Duration) -> Container {
+        Container {
+            docker: crate::docker::Docker::new(socket),
+            stop_grace,
+            name: None,
+            base_restarts: None,
+            seen_restarts: 0,
+            restarts: VecDeque::new(),
+            start_failed: false,
+        }
+    }
+
+    fn spec(spec: &AppSpec) -> Result<&ContainerSpec, RuntimeError> {
+        spec.container.as_ref().ok_or_else(|| {
+            RuntimeError::Spec(
+                "the release has no [container] section; the container runtime runs only container releases".into(),
+            )
+        })
+    }
+
+    /// The image to start: the rollback image when asked for and present, else the spec's.
+    async fn image_for(&self, spec: &ContainerSpec) -> String {
+        if spec.rollback {
+            let tag = rollback_image(&spec.name);
+            match self.docker.image_id(&tag).await {
+                Ok(_) => return tag,
+                Err(e) => tracing::warn!(
+                    "rollback image {tag} unavailable ({e}); starting {} instead",
+                    spec.image
+                ),
+            }
+        }
+        spec.image.clone()
+    }
+
+    /// The container to stop or inspect when this runtime has not started or adopted one yet
+    /// (after an agent restart in the middle of an update).
+    pub fn track(&mut self, name: &str) {
+        if self.name.is_none() {
+            self.name = Some(name.to_owned());
+        }
+    }
+
+    fn reset_counters(&mut self, base: Option<u32>) {
+        self.base_restarts = base;
+        self.seen_restarts = 0;
+        self.restarts.clear();
+        self.start_failed = false;
+    }
+}
+
+impl Runtime for Container {
+    async fn start(&mut self, spec: AppSpec) -> Result<(), RuntimeError> {
+        let c = Self::spec(&spec)?.clone();
+        // Whatever has this name goes, even one this agent never started.
+        self.name = Some(c.name.clone());
+        self.stop().await;
+        self.reset_counters(Some(0));
+        let image = self.image_for(&c).await;
+        let body = create_body(&c, &image);
+        let result = async {
+            let id = self.docker.create(&c.name, &body).await?;
+            self.docker.start(&id).await
+        }
+        .await;
+        if result.is_err() {
+            self.start_failed = true;
+        }
+        tracing::info!(container = %c.name, image = %image, "container started");
+        Ok(result?)
+    }
+
+    async fn stop(&mut self) {
+        if let Some(name) = &self.name
+            && let Err(e) = self.docker.stop_and_remove(name, self.stop_grace).await
+        {
+            tracing::warn!(container = %name, "{e}");
+        }
+    }
+
+    /// A running container with this name whose create request had the same digest (same
+    /// image id, command, environment, ports, mounts…) is left running.
+    async fn adopt(&mut self, spec: &AppSpec) -> bool {
+        let Ok(c) = Self::spec(spec) else {
+            return false;
+        };
+        self.name = Some(c.name.clone());
+        let want = create_body(c, &c.image)["Labels"][SPEC_LABEL].clone();
+        match self.docker.inspect_container(&c.name).await {
+            Ok(v) if v["State"]["Running"] == true && v["Config"]["Labels"][SPEC_LABEL] == want => {
+                let base = v["RestartCount"].as_u64().unwrap_or(0) as u32;
+                self.reset_counters(Some(base));
+                true
+            }
+            Ok(_) => {
+                tracing::info!(container = %c.name, "restarting the container: it is not running this release");
+                false
+            }
+            Err(e) => {
+                if !e.is_not_found() {
+                    tracing::warn!("{e}");
+                }
+                false
+            }
+        }
+    }
+
+    async fn status(&mut self, window: Duration) -> Status {
+        let now = Instant::now();
+        let Some(name) = self.name.clone() else {
+            return Status::default();
+        };
+        let v = match self.docker.inspect_container(&name).await {
+            Ok(v) => v,
+            Err(e) => {
+                if !e.is_not_found() {
+                    tracing::warn!("{e}");
+                }
+                return Status {
+                    exits: u32::from(self.start_failed),
+                    ..Status::default()
+                };
+            }
+        };
+        let state = &v["State"];
+        let count = v["RestartCount"].as_u64().unwrap_or(0) as u32;
+        let base = *self.base_restarts.get_or_insert(count);
+        let total = count.saturating_sub(base);
+        while self.seen_restarts < total {
+            self.seen_restarts += 1;
+            self.restarts.push_back(now);
+        }
+        if self.restarts.len() > 1000 {
+            self.restarts.pop_front();
+        }
+        let running = state["Running"] == true && state["Restarting"] != true;
+        // The engine counts a restart when it decides on it, at the exit; an exit it will not
+        // restart (policy `no`, or stopped) is the status `exited`/`dead`.
+        let ended = matches!(state["Status"].as_str(), Some("exited" | "dead"));
+        let never_ran = state["Status"].as_str() == Some("created");
+        Status {
+            running,
+            exits: self.seen_restarts + u32::from(ended || (never_ran && self.start_failed)),
+            last_exit_code: (!running)
+                .then(|| state["ExitCode"].as_i64().map(|c| c as i32))
+                .flatten(),
+            restarts_total: self.seen_restarts,
+            restarts_in_window: self
+                .restarts
+                .iter()
+                .filter(|t| now.duration_since(**t) <= window)
+                .count() as u32,
+        }
+    }
+
+    /// Tags the image of the container running `current` as `NAME:fleet-rollback`; with no
+    /// such container, the image `current` would run. Nothing running and nothing installed:
+    /// nothing to keep.
+    async fn keep_for_rollback(&mut self, current: &AppSpec) -> Result<(), RuntimeError> {
+        let c = Self::spec(current)?;
+        let image = match self.docker.inspect_container(&c.name).await {
+            Ok(v) => v["Image"].as_str().unwrap_or(&c.image).to_owned(),
+            Err(e) if e.is_not_found() => c.image.clone(),
+            Err(e) => return Err(e.into()),
+        };
+        self.docker.tag(&image, &c.name, ROLLBACK_TAG).await?;
+        tracing::info!(image = %image, tag = %rollback_image(&c.name), "rollback image kept");
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -670,6 +978,7 @@ mod tests {
             ],
             env: Vec::new(),
             dir: dir.path().to_owned(),
+            container: None,
         };
         runtime.start(spec).await.unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -732,6 +1041,7 @@ mod tests {
             args: vec!["--port".into(), "80'80".into()],
             env: vec![("FLEET_DEVICE_ID".into(), "cam-1".into())],
             dir: "/opt/fleet/app/active".into(),
+            container: None,
         };
         assert_eq!(
             exec_script(&spec),
@@ -796,5 +1106,47 @@ mod tests {
         };
         s.observe(&restarted, t0);
         assert_eq!((s.seen_restarts, s.exits), (1, 1));
+    }
+}
+
+#[cfg(test)]
+mod container_tests {
+    use super::*;
+    use fleet_proto::release::{RestartPolicy, parse_port};
+
+    #[test]
+    fn builds_the_engine_create_request() {
+        let spec = ContainerSpec {
+            name: "detector".into(),
+            image: "sha256:abc".into(),
+            rollback: false,
+            network: Some("bridge".into()),
+            ports: vec![parse_port("127.0.0.1:18080:8080").unwrap()],
+            volumes: vec!["/var/lib/d:/data:ro".into()],
+            devices: vec!["/dev/video0".into(), "/dev/a:/dev/b:r".into()],
+            restart: RestartPolicy::OnFailure,
+            entrypoint: None,
+            args: vec!["--port".into(), "8080".into()],
+            env: vec![("FLEET_DEVICE_ID".into(), "cam-1".into())],
+        };
+        let body = create_body(&spec, "sha256:abc");
+        assert_eq!(body["Image"], "sha256:abc");
+        assert_eq!(body["Cmd"], serde_json::json!(["--port", "8080"]));
+        assert!(body.get("Entrypoint").is_none(), "the image's entrypoint");
+        assert_eq!(body["Env"], serde_json::json!(["FLEET_DEVICE_ID=cam-1"]));
+        let hc = &body["HostConfig"];
+        assert_eq!(hc["NetworkMode"], "bridge");
+        assert_eq!(
+            hc["PortBindings"]["8080/tcp"],
+            serde_json::json!([{"HostIp": "127.0.0.1", "HostPort": "18080"}])
+        );
+        assert_eq!(hc["Binds"], serde_json::json!(["/var/lib/d:/data:ro"]));
+        assert_eq!(hc["Devices"][1]["PathInContainer"], "/dev/b");
+        assert_eq!(hc["Devices"][1]["CgroupPermissions"], "r");
+        assert_eq!(hc["RestartPolicy"]["Name"], "on-failure");
+        // The label changes with anything that changes what runs.
+        let other = create_body(&spec, "sha256:def");
+        assert_ne!(body["Labels"][SPEC_LABEL], other["Labels"][SPEC_LABEL]);
+        assert_eq!(rollback_image("detector"), "detector:fleet-rollback");
     }
 }

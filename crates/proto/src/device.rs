@@ -238,6 +238,9 @@ pub enum Failure {
     #[error("rollback failed, the previous version is not healthy: {detail}")]
     Rollback { detail: String },
 }
+    /// Appended in issue 10: the data snapshot or the rollback image before the swap.
+    #[error("cannot prepare the rollback (data snapshot, rollback image): {detail}")]
+    Snapshot { detail: String },
 
 /// `devices/{id}/events`: one step of an update, in order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

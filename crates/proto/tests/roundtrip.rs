@@ -149,6 +149,7 @@ fn failure() -> impl Strategy<Value = Failure> {
             .prop_map(|(expected, got)| Failure::SizeMismatch { expected, got }),
         text().prop_map(|detail| Failure::Install { detail }),
         text().prop_map(|detail| Failure::Hook { detail }),
+        text().prop_map(|detail| Failure::Snapshot { detail }),
         text().prop_map(|detail| Failure::Rollback { detail }),
     ]
 }

@@ -40,6 +40,7 @@ fn ctx() -> Ctx {
         trial_attempts: 2,
         failures_allowed: 2,
         restore_timeout: Duration::from_secs(30),
+        data_dirs: Vec::new(),
     }
 }
 
@@ -90,6 +91,8 @@ fn release(counter: u64, version: &str) -> Release {
         },
         target: Target::default(),
         thresholds: Thresholds::default(),
+        container: None,
+        data_dirs: Vec::new(),
     }
 }
 
@@ -142,6 +145,9 @@ fn name(a: &Action) -> String {
             EventKind::RolledBack { reason, .. } => format!("E:RolledBack({reason})"),
             EventKind::Refused { reason } => format!("E:Refused({reason})"),
             EventKind::Failed { reason } => format!("E:Failed({reason})"),
+            // Kinds the update machine never emits (e.g. key rotations), when there are any.
+            #[allow(unreachable_patterns)]
+            other => format!("E:{other:?}"),
         },
         Action::Report => "Report".into(),
         Action::Download { .. } => "Download".into(),
@@ -152,7 +158,17 @@ fn name(a: &Action) -> String {
             "Swap({})",
             to.map(|s| s.to_string()).unwrap_or("none".into())
         ),
-        Action::StartApp { slot } => format!("Start({slot})"),
+        Action::StartApp {
+            slot,
+            rollback: false,
+        } => format!("Start({slot})"),
+        Action::StartApp {
+            slot,
+            rollback: true,
+        } => format!("StartPrevious({slot})"),
+        Action::Snapshot { dirs, .. } => format!("Snapshot({})", dirs.join(",")),
+        Action::Restore { .. } => "Restore".into(),
+        Action::DropSnapshots => "DropSnapshots".into(),
         Action::StopApp => "Stop".into(),
         Action::Redeliver(_) => "Redeliver".into(),
         Action::SetReportInterval(_) => "Interval".into(),
@@ -301,7 +317,7 @@ fn bad_release_rolls_back_and_is_remembered() {
             (
                 probe(2, sample("9.9", AppStatus::Healthy)),
                 UpdatePhase::RollingBack,
-                &["Swap(slot-a)", "Start(slot-a)"],
+                &["Swap(slot-a)", "StartPrevious(slot-a)"],
             ),
             // The old version answers: the rollback is complete.
             (
@@ -552,7 +568,7 @@ fn journal_resolution_table() {
                 link: Some(Slot::A),
             },
             UpdatePhase::Idle,
-            &["Wipe(slot-b)", "Start(slot-a)"],
+            &["Wipe(slot-b)", "DropSnapshots", "Start(slot-a)"],
         )],
     );
     check(
@@ -560,7 +576,12 @@ fn journal_resolution_table() {
         vec![(
             Input::Boot { link: None },
             UpdatePhase::Idle,
-            &["Wipe(slot-b)", "Swap(slot-a)", "Start(slot-a)"],
+            &[
+                "Wipe(slot-b)",
+                "Swap(slot-a)",
+                "DropSnapshots",
+                "Start(slot-a)",
+            ],
         )],
     );
     // Downloading: keep running v1, resume the download.
@@ -638,7 +659,7 @@ fn journal_resolution_table() {
         vec![(
             link_b.clone(),
             UpdatePhase::RollingBack,
-            &["Swap(slot-a)", "Start(slot-a)"],
+            &["Swap(slot-a)", "StartPrevious(slot-a)"],
         )],
     );
     // RollingBack: redo the swap back and verify again.
@@ -647,7 +668,7 @@ fn journal_resolution_table() {
         vec![(
             link_b,
             UpdatePhase::RollingBack,
-            &["Swap(slot-a)", "Start(slot-a)"],
+            &["Swap(slot-a)", "StartPrevious(slot-a)"],
         )],
     );
     let t = check(
@@ -750,6 +771,391 @@ fn failed_install_wipes_the_standby_and_a_first_install_rolls_back_to_nothing() 
     assert_eq!(s.active, None);
 }
 
+fn container(image: &str) -> Container {
+    Container {
+        image: image.into(),
+        load: Some("image.tar".into()),
+        image_id: None,
+        name: "app".into(),
+        network: Some("host".into()),
+        ports: vec![],
+        volumes: vec![],
+        devices: vec![],
+        restart: RestartPolicy::UnlessStopped,
+    }
+}
+
+/// A device running v1 with v2 (which names a data directory, and is a container release when
+/// `in_container`) on trial after its snapshot.
+fn trial_v2_with_data(in_container: bool) -> State {
+    let mut r2 = release(2, "2.0");
+    r2.data_dirs = vec!["/var/lib/app".into()];
+    if in_container {
+        r2.container = Some(container("app:2.0"));
+    }
+    let s = check(
+        running_v1(),
+        vec![
+            (
+                desired(2, Some(&r2), 0),
+                UpdatePhase::Downloading,
+                &["Download"],
+            ),
+            (
+                Input::Downloaded {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Installing,
+                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
+            ),
+            (
+                Input::Installed {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Swapping,
+                &["E:Installed", "DiscardStaging", "Snapshot(/var/lib/app)"],
+            ),
+        ],
+    );
+    assert!(matches!(
+        s.phase,
+        Phase::Snapshotting {
+            previous: Some(Slot::A),
+            ..
+        }
+    ));
+    assert_eq!(s.link_target(), Some(Slot::A), "nothing moved yet");
+    check(
+        s,
+        vec![
+            (
+                Input::Snapshotted {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Swapping,
+                &["Swap(slot-b)"],
+            ),
+            (
+                Input::Swapped { sequence: 2 },
+                UpdatePhase::Trial,
+                &["E:Swapped", "Start(slot-b)", "E:TrialStarted"],
+            ),
+        ],
+    )
+}
+
+#[test]
+fn data_is_snapshotted_before_the_swap_restored_before_the_previous_version_starts() {
+    // Commit: the snapshot is dropped.
+    check(
+        trial_v2_with_data(false),
+        vec![
+            (
+                probe(2, sample("2.0", AppStatus::Healthy)),
+                UpdatePhase::Trial,
+                &[],
+            ),
+            (
+                probe(2, sample("2.0", AppStatus::Healthy)),
+                UpdatePhase::Idle,
+                &["E:Committed", "DropSnapshots"],
+            ),
+        ],
+    );
+    // Rollback: stop the new version, restore, then swap back and start the previous one.
+    let s = check(
+        trial_v2_with_data(true),
+        vec![(
+            probe(2, sample("9.9", AppStatus::Healthy)),
+            UpdatePhase::RollingBack,
+            &["Stop", "Restore"],
+        )],
+    );
+    assert!(matches!(s.phase, Phase::Restoring { .. }));
+    assert_eq!(
+        s.link_target(),
+        Some(Slot::B),
+        "the link moves only after the restore"
+    );
+    let s = check(
+        s,
+        vec![
+            // Stale and foreign inputs change nothing.
+            (
+                Input::Restored {
+                    sequence: 1,
+                    result: Ok(()),
+                },
+                UpdatePhase::RollingBack,
+                &[],
+            ),
+            (
+                Input::Restored {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::RollingBack,
+                &["Swap(slot-a)", "StartPrevious(slot-a)"],
+            ),
+            (
+                probe(2, sample("1.0", AppStatus::Healthy)),
+                UpdatePhase::Idle,
+                &[
+                    "E:RolledBack(health endpoint reported version 9.9, expected 2.0)",
+                    "DropSnapshots",
+                ],
+            ),
+        ],
+    );
+    assert_eq!(s.active, Some(Slot::A));
+    // A restore that failed is reported with the rollback, and its snapshot kept.
+    let s = check(
+        trial_v2_with_data(false),
+        vec![
+            (
+                probe(2, sample("9.9", AppStatus::Healthy)),
+                UpdatePhase::RollingBack,
+                &["Stop", "Restore"],
+            ),
+            (
+                Input::Restored {
+                    sequence: 2,
+                    result: Err("sha256 mismatch".into()),
+                },
+                UpdatePhase::RollingBack,
+                &["Swap(slot-a)", "StartPrevious(slot-a)"],
+            ),
+            (
+                probe(2, sample("1.0", AppStatus::Healthy)),
+                UpdatePhase::Idle,
+                &[
+                    "E:RolledBack(health endpoint reported version 9.9, expected 2.0)",
+                    "E:Failed(rollback failed, the previous version is not healthy: the data snapshot was not restored: sha256 mismatch)",
+                ],
+            ),
+        ],
+    );
+    assert_eq!(s.active, Some(Slot::A));
+}
+
+#[test]
+fn a_snapshot_that_fails_ends_the_update_on_the_running_version() {
+    let mut r2 = release(2, "2.0");
+    r2.data_dirs = vec!["/var/lib/app".into()];
+    let s = check(
+        running_v1(),
+        vec![
+            (
+                desired(2, Some(&r2), 0),
+                UpdatePhase::Downloading,
+                &["Download"],
+            ),
+            (
+                Input::Downloaded {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Installing,
+                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
+            ),
+            (
+                Input::Installed {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Swapping,
+                &["E:Installed", "DiscardStaging", "Snapshot(/var/lib/app)"],
+            ),
+            (
+                Input::Snapshotted {
+                    sequence: 2,
+                    result: Err("not enough free space".into()),
+                },
+                UpdatePhase::Idle,
+                &[
+                    "Start(slot-a)",
+                    "DropSnapshots",
+                    "E:Failed(cannot prepare the rollback (data snapshot, rollback image): not enough free space)",
+                ],
+            ),
+        ],
+    );
+    assert_eq!(s.active, Some(Slot::A));
+    assert_eq!(s.applied_sequence, 2);
+}
+
+#[test]
+fn a_container_release_keeps_its_rollback_image_and_the_agent_config_adds_data_dirs() {
+    // No data anywhere: the snapshot step only keeps the rollback image, no restore later.
+    let mut r2 = release(2, "2.0");
+    r2.container = Some(container("app:2.0"));
+    let s = check(
+        running_v1(),
+        vec![
+            (
+                desired(2, Some(&r2), 0),
+                UpdatePhase::Downloading,
+                &["Download"],
+            ),
+            (
+                Input::Downloaded {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Installing,
+                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
+            ),
+            (
+                Input::Installed {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Swapping,
+                &["E:Installed", "DiscardStaging", "Snapshot()"],
+            ),
+            (
+                Input::Snapshotted {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Swapping,
+                &["Swap(slot-b)"],
+            ),
+            (
+                Input::Swapped { sequence: 2 },
+                UpdatePhase::Trial,
+                &["E:Swapped", "Start(slot-b)", "E:TrialStarted"],
+            ),
+            (
+                probe(2, sample("9.9", AppStatus::Healthy)),
+                UpdatePhase::RollingBack,
+                &["Swap(slot-a)", "StartPrevious(slot-a)"],
+            ),
+        ],
+    );
+    assert!(matches!(s.phase, Phase::RollingBack { .. }));
+    // The agent's own data directories come first, the release's are added.
+    let mut ctx = ctx();
+    ctx.data_dirs = vec!["/srv/a".into(), "/var/lib/app".into()];
+    let mut r3 = release(3, "3.0");
+    r3.data_dirs = vec!["/var/lib/app".into(), "/var/lib/b".into()];
+    let job = Job {
+        sequence: 3,
+        rollout: None,
+        retry: 0,
+        signed: SignedRelease::sign(&r3, &key()),
+        digest: Sha256::of(b"x"),
+        release: r3,
+    };
+    assert_eq!(
+        snapshot_dirs(&ctx, &job),
+        ["/srv/a", "/var/lib/app", "/var/lib/b"]
+    );
+}
+
+#[test]
+fn snapshot_and_restore_resolve_on_restart() {
+    // Snapshotting: taken again whole (nothing has moved), then the swap.
+    let mut r2 = release(2, "2.0");
+    r2.data_dirs = vec!["/var/lib/app".into()];
+    let snapshotting = check(
+        running_v1(),
+        vec![
+            (
+                desired(2, Some(&r2), 0),
+                UpdatePhase::Downloading,
+                &["Download"],
+            ),
+            (
+                Input::Downloaded {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Installing,
+                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
+            ),
+            (
+                Input::Installed {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Swapping,
+                &["E:Installed", "DiscardStaging", "Snapshot(/var/lib/app)"],
+            ),
+        ],
+    );
+    for (link, want) in [
+        (Some(Slot::A), &["Snapshot(/var/lib/app)"][..]),
+        (None, &["Swap(slot-a)", "Snapshot(/var/lib/app)"][..]),
+    ] {
+        let s = check(
+            snapshotting.clone(),
+            vec![(Input::Boot { link }, UpdatePhase::Swapping, want)],
+        );
+        assert!(matches!(s.phase, Phase::Snapshotting { .. }));
+    }
+    // Restoring: stop, restore again from the start, then the swap back.
+    let restoring = check(
+        trial_v2_with_data(false),
+        vec![(
+            probe(2, sample("9.9", AppStatus::Healthy)),
+            UpdatePhase::RollingBack,
+            &["Stop", "Restore"],
+        )],
+    );
+    let s = check(
+        restoring,
+        vec![(
+            Input::Boot {
+                link: Some(Slot::B),
+            },
+            UpdatePhase::RollingBack,
+            &["Stop", "Restore"],
+        )],
+    );
+    assert!(matches!(s.phase, Phase::Restoring { .. }));
+    // Trial with no attempts left goes through the restore too.
+    let mut t = trial_v2_with_data(false);
+    if let Phase::Trial { attempts_left, .. } = &mut t.phase {
+        *attempts_left = 1;
+    }
+    let t = check(
+        t,
+        vec![(
+            Input::Boot {
+                link: Some(Slot::B),
+            },
+            UpdatePhase::RollingBack,
+            &["Stop", "Restore"],
+        )],
+    );
+    // RollingBack after the restore: only the swap back is redone, never the restore.
+    let t = check(
+        t,
+        vec![(
+            Input::Restored {
+                sequence: 2,
+                result: Ok(()),
+            },
+            UpdatePhase::RollingBack,
+            &["Swap(slot-a)", "StartPrevious(slot-a)"],
+        )],
+    );
+    check(
+        t,
+        vec![(
+            Input::Boot {
+                link: Some(Slot::A),
+            },
+            UpdatePhase::RollingBack,
+            &["Swap(slot-a)", "StartPrevious(slot-a)"],
+        )],
+    );
+}
+
 mod properties {
     //! Invariants under arbitrary input sequences: the counter never goes down, the active
     //! (and the running) slot is never written, and no state leaves the device without a
@@ -782,6 +1188,10 @@ mod properties {
         LateTime,
         /// Whatever moves the current update forward (weighted up so updates finish).
         Advance(u8),
+        SnapshotOk,
+        SnapshotErr,
+        RestoreOk,
+        RestoreErr,
     }
 
     fn op() -> impl Gen<Value = Op> {
@@ -801,6 +1211,10 @@ mod properties {
             (0u8..4).prop_map(Op::ProbeBad),
             prop::option::of(any::<bool>()).prop_map(|link| Op::Boot { link }),
             Just(Op::LateTime),
+            Just(Op::SnapshotOk),
+            Just(Op::SnapshotErr),
+            Just(Op::RestoreOk),
+            Just(Op::RestoreErr),
             (0u8..4).prop_map(Op::Advance),
             (0u8..4).prop_map(Op::Advance),
             (0u8..4).prop_map(Op::Advance),
@@ -812,9 +1226,15 @@ mod properties {
         let mut r = match i {
             0 => release(1, "1.0"),
             1 => release(2, "2.0"),
-            2 => release(3, "3.0"),
+            // With data to snapshot, and a container release.
+            2 => {
+                let mut r = release(3, "3.0");
+                r.data_dirs = vec!["/var/lib/app".into()];
+                r
+            }
             3 => {
                 let mut r = release(4, "4.0");
+                r.container = Some(container("app:4.0"));
                 r.rollback_to = Some(RollbackTo {
                     counter: 2,
                     version: "2.0".into(),
@@ -855,6 +1275,8 @@ mod properties {
             (Op::Advance(_), Phase::Downloading { .. }) => &Op::DownloadOk,
             (Op::Advance(_), Phase::Installing { .. }) => &Op::InstallOk,
             (Op::Advance(_), Phase::Swapping { .. }) => &Op::Swapped,
+            (Op::Advance(_), Phase::Snapshotting { .. }) => &Op::SnapshotOk,
+            (Op::Advance(_), Phase::Restoring { .. }) => &Op::RestoreOk,
             (Op::Advance(_), _) => &Op::ProbeGood,
             (other, _) => other,
         };
@@ -915,6 +1337,22 @@ mod properties {
                 },
             },
             Op::Advance(_) => unreachable!("resolved above"),
+            Op::SnapshotOk => Input::Snapshotted {
+                sequence: seq,
+                result: Ok(()),
+            },
+            Op::SnapshotErr => Input::Snapshotted {
+                sequence: seq,
+                result: Err("no space".into()),
+            },
+            Op::RestoreOk => Input::Restored {
+                sequence: seq,
+                result: Ok(()),
+            },
+            Op::RestoreErr => Input::Restored {
+                sequence: seq,
+                result: Err("damaged".into()),
+            },
             Op::LateTime => {
                 *now = now.saturating_add(Duration::from_secs(120));
                 probe(seq, sample(&version, AppStatus::Degraded))

@@ -412,6 +412,8 @@ pub fn release(counter: u64, v: &Version, url: String, sha256: Sha256, size: u64
             crash_loop_window: Duration::from_secs(60),
             ..Thresholds::default()
         },
+        container: None,
+        data_dirs: Vec::new(),
     }
 }
 
