@@ -31,6 +31,10 @@ pub struct Options {
     pub work_interval: Duration,
     pub leak_limit_mib: u64,
     pub only_on_device_type: Option<String>,
+    /// `--data-dir`: application data with a schema version (see `data`).
+    pub data_dir: Option<std::path::PathBuf>,
+    /// `--migrate`: read schema 2 and migrate schema-1 data to it at start.
+    pub migrate: bool,
     /// As given, before the `--only-on-device-type` gate.
     pub faults: FaultKnobs,
 }
@@ -78,6 +82,8 @@ const FLAGS: &[Flag] = &[
     flag("version", "FLEET_DEMO_VERSION", Some("V"), Server, "version to report [default: the crate version]"),
     flag("work-interval-ms", "FLEET_DEMO_WORK_INTERVAL_MS", Some("MS"), Server, "pause between synthetic frames, >= 1 [default: 50]"),
     flag("seed", "FLEET_DEMO_SEED", Some("N"), Server, "seed of the error-injection PRNG [default: 1]"),
+    flag("data-dir", "FLEET_DEMO_DATA_DIR", Some("DIR"), Server, "application data: DIR/schema (created at 1); newer data is refused at start"),
+    flag("migrate", "FLEET_DEMO_MIGRATE", None, Server, "read data schema 2, migrating schema-1 data in --data-dir at start"),
     flag("only-on-device-type", "FLEET_DEMO_ONLY_ON_DEVICE_TYPE", Some("T"), Faults, "apply the fault knobs only when FLEET_DEVICE_TYPE is T"),
     flag("crash-at-start", "FLEET_DEMO_CRASH_AT_START", None, Faults, "exit with status 3 before binding"),
     flag("crash-after", "FLEET_DEMO_CRASH_AFTER", Some("SECS"), Faults, "exit with status 4 SECS (fractions ok) after binding"),
@@ -236,6 +242,10 @@ impl<E: Fn(&str) -> Option<String>> Sources<E> {
                 .get("leak-limit-mb", unsigned)?
                 .unwrap_or(DEFAULT_LEAK_LIMIT_MIB),
             only_on_device_type: self.get("only-on-device-type", non_empty)?,
+            data_dir: self
+                .get("data-dir", non_empty)?
+                .map(std::path::PathBuf::from),
+            migrate: self.switch("migrate")?,
             faults,
         })
     }
@@ -409,7 +419,15 @@ mod tests {
         assert_eq!(o.work_interval, Duration::from_millis(50));
         assert_eq!(o.leak_limit_mib, 512);
         assert_eq!(o.only_on_device_type, None);
+        assert_eq!((o.data_dir.as_ref(), o.migrate), (None, false));
         assert_eq!(o.faults, FaultKnobs::default());
+        let d = serve(&["--data-dir", "/var/lib/app", "--migrate"], &[]);
+        assert_eq!((d.data_dir, d.migrate), (Some("/var/lib/app".into()), true));
+        let e = serve(
+            &[],
+            &[("FLEET_DEMO_DATA_DIR", "/d"), ("FLEET_DEMO_MIGRATE", "1")],
+        );
+        assert_eq!((e.data_dir, e.migrate), (Some("/d".into()), true));
     }
 
     /// The defaults with one change.

@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - `args`: flags and their environment variables → a typed `Command`; the usage text.
+//! - `data`: `--data-dir` with a schema version, `--migrate` (data-snapshot demos).
 //! - `faults`: the fault knobs, the `--only-on-device-type` gate, and the faults that act on the
 //!   whole process (crash timer, memory leak, SIGTERM disposition).
 //! - `workload`: the frame worker and `/work` processing, with a seeded PRNG for injected errors.
@@ -24,6 +25,7 @@
 //! - Exit status: see [`Exit`].
 
 mod args;
+mod data;
 mod faults;
 mod health;
 mod http;
@@ -57,6 +59,8 @@ pub enum Exit {
     CrashAtStart = 3,
     /// `--crash-after`.
     CrashAfter = 4,
+    /// The data in `--data-dir` is at a schema this version does not read.
+    DataTooNew = 5,
 }
 
 impl Exit {
@@ -157,6 +161,17 @@ fn serve(
             exit: Exit::CrashAtStart,
             message: "crashing at start (--crash-at-start)".into(),
         });
+    }
+    if let Some(dir) = &options.data_dir {
+        let schema =
+            data::open(dir, options.migrate, &options.version).map_err(|message| Stop {
+                exit: Exit::DataTooNew,
+                message: format!("error: {message}"),
+            })?;
+        eprintln!(
+            "fleet-demo-app: data in {} at schema {schema}",
+            dir.display()
+        );
     }
     let addr = SocketAddr::new(options.bind, options.port);
     let listener = TcpListener::bind(addr).map_err(failure(&format!("cannot listen on {addr}")))?;

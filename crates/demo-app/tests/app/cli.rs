@@ -41,6 +41,8 @@ fn help_lists_every_flag_with_its_variable() {
         ("--version", "FLEET_DEMO_VERSION"),
         ("--work-interval-ms", "FLEET_DEMO_WORK_INTERVAL_MS"),
         ("--seed", "FLEET_DEMO_SEED"),
+        ("--data-dir", "FLEET_DEMO_DATA_DIR"),
+        ("--migrate", "FLEET_DEMO_MIGRATE"),
         ("--only-on-device-type", "FLEET_DEMO_ONLY_ON_DEVICE_TYPE"),
         ("--crash-at-start", "FLEET_DEMO_CRASH_AT_START"),
         ("--crash-after", "FLEET_DEMO_CRASH_AFTER"),
@@ -71,4 +73,18 @@ fn a_taken_port_exits_1_naming_the_address() {
         stderr.contains(&format!("127.0.0.1:{port}")),
         "stderr: {stderr}"
     );
+}
+
+#[test]
+fn migrated_data_is_refused_by_a_version_that_does_not_migrate() {
+    let dir = std::env::temp_dir().join(format!("fleet-demo-cli-data-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let app = App::start(&["--data-dir", d, "--migrate", "--version", "2.0.0"], &[]);
+    assert_eq!(std::fs::read_to_string(dir.join("schema")).unwrap(), "2\n");
+    app.guard.signal(libc::SIGKILL);
+    let (status, _, stderr) = run(&["--data-dir", d, "--port", "0"], &[]);
+    assert_eq!(status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("schema 2"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
