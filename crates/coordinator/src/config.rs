@@ -1,6 +1,7 @@
 //! Configuration: a TOML file (optional) plus `FLEET_COORDINATOR__SECTION__KEY` environment
 //! overrides, validated into typed values. `deploy/coordinator.toml` is the commented default.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,6 +42,14 @@ struct Raw {
     devices: RawDevices,
     rollout: RawRollout,
     gate: GateSettingsRaw,
+    operators: RawOperators,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOperators {
+    keys: BTreeMap<String, String>,
+    max_age: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -53,6 +62,13 @@ struct RawBroker {
     password: String,
     client_id: String,
     max_connections: usize,
+    tls_cert: String,
+    tls_key: String,
+    client_ca: String,
+    credentials: String,
+    ca: String,
+    client_cert: String,
+    client_key: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -105,6 +121,11 @@ pub enum BrokerConfig {
     Embedded {
         listen: SocketAddr,
         max_connections: usize,
+        /// Serve TLS (`broker.tls_cert`, `tls_key`, `client_ca`).
+        tls: Option<ServerTls>,
+        /// Check every connection against this credentials file and confine each client to
+        /// its topics (`broker.credentials`; see `auth.rs`).
+        credentials: Option<PathBuf>,
     },
     /// An external broker such as mosquitto.
     External {
@@ -112,7 +133,27 @@ pub enum BrokerConfig {
         port: u16,
         username: Option<String>,
         password: Option<String>,
+        /// `mqtts://`: TLS with a pinned CA (`broker.ca`) and an optional client certificate.
+        tls: Option<ClientTls>,
     },
+}
+
+/// The embedded broker's TLS listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerTls {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Clients must present a certificate issued by this CA (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// A TLS client: the one CA it trusts, and its own certificate if the broker asks for one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    /// `(certificate, key)`.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// The validated configuration.
@@ -129,6 +170,10 @@ pub struct Config {
     pub offline_after: Duration,
     pub tick: Duration,
     pub engine: Settings,
+    /// Operators whose signed commands are obeyed, by name (empty: commands unauthenticated).
+    pub operators: BTreeMap<String, VerifyingKey>,
+    /// A signed command must be this fresh; request ids are remembered this long.
+    pub operators_max_age: Duration,
 }
 
 impl Default for Config {
@@ -227,35 +272,73 @@ impl Config {
     }
 
     fn validate(file: &str, raw: Raw) -> Result<Config, ConfigError> {
+        let path = |s: &str| (!s.trim().is_empty()).then(|| PathBuf::from(s.trim()));
+        let b = &raw.broker;
+        let pair = |a: &str, ka: &str, bb: &str, kb: &str| match (path(a), path(bb)) {
+            (Some(x), Some(y)) => Ok(Some((x, y))),
+            (None, None) => Ok(None),
+            _ => Err(invalid(
+                file,
+                &format!("broker.{ka}"),
+                &format!("broker.{ka} and broker.{kb} go together: set both or neither"),
+            )),
+        };
+        let server_pair = pair(&b.tls_cert, "tls_cert", &b.tls_key, "tls_key")?;
+        let client_pair = pair(&b.client_cert, "client_cert", &b.client_key, "client_key")?;
         let broker = match raw.broker.mode.as_str() {
-            "embedded" => BrokerConfig::Embedded {
-                listen: raw.broker.listen.parse().map_err(|e| {
-                    invalid(
-                        file,
-                        "broker.listen",
-                        &format!(
-                            "{:?} is not an address such as 127.0.0.1:1883 ({e})",
-                            raw.broker.listen
-                        ),
-                    )
-                })?,
-                max_connections: raw.broker.max_connections.max(1),
-            },
-            "external" => {
-                let url = raw.broker.url.trim();
-                let rest = if let Some(r) = url.strip_prefix("mqtt://") {
-                    r
-                } else if url.starts_with("mqtts://") {
+            "embedded" => {
+                if server_pair.is_none() && path(&b.client_ca).is_some() {
                     return Err(invalid(
                         file,
-                        "broker.url",
-                        "mqtts:// (TLS) is not supported by this build yet; use mqtt:// on a trusted network or a local TLS-terminating proxy",
+                        "broker.client_ca",
+                        "client certificates need TLS: set broker.tls_cert and broker.tls_key too",
                     ));
+                }
+                BrokerConfig::Embedded {
+                    listen: raw.broker.listen.parse().map_err(|e| {
+                        invalid(
+                            file,
+                            "broker.listen",
+                            &format!(
+                                "{:?} is not an address such as 127.0.0.1:1883 ({e})",
+                                raw.broker.listen
+                            ),
+                        )
+                    })?,
+                    max_connections: raw.broker.max_connections.max(1),
+                    tls: server_pair.map(|(cert, key)| ServerTls {
+                        cert,
+                        key,
+                        client_ca: path(&b.client_ca),
+                    }),
+                    credentials: path(&b.credentials),
+                }
+            }
+            "external" => {
+                let url = raw.broker.url.trim();
+                let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("mqtt://") {
+                    (r, None, 1883)
+                } else if let Some(r) = url.strip_prefix("mqtts://") {
+                    let Some(ca) = path(&b.ca) else {
+                        return Err(invalid(
+                            file,
+                            "broker.ca",
+                            "mqtts:// needs the CA that signed the broker's certificate (PEM); system roots are never trusted",
+                        ));
+                    };
+                    (
+                        r,
+                        Some(ClientTls {
+                            ca,
+                            client_cert: client_pair.clone(),
+                        }),
+                        8883,
+                    )
                 } else {
                     return Err(invalid(
                         file,
                         "broker.url",
-                        &format!("{url:?} must look like mqtt://host:port"),
+                        &format!("{url:?} must look like mqtt://host:port or mqtts://host:port"),
                     ));
                 };
                 let rest = rest.trim_end_matches('/');
@@ -266,7 +349,7 @@ impl Config {
                             invalid(file, "broker.url", &format!("port {p:?}: {e}"))
                         })?,
                     ),
-                    None => (rest.to_owned(), 1883),
+                    None => (rest.to_owned(), default_port),
                 };
                 if host.is_empty() {
                     return Err(invalid(file, "broker.url", "no host"));
@@ -277,6 +360,7 @@ impl Config {
                     port,
                     username: opt(&raw.broker.username),
                     password: opt(&raw.broker.password),
+                    tls,
                 }
             }
             other => {
@@ -295,6 +379,14 @@ impl Config {
             release_keys
                 .push(parse_key(k).map_err(|e| invalid(file, &format!("release_keys[{i}]"), &e))?);
         }
+        let mut operators = BTreeMap::new();
+        for (name, k) in &raw.operators.keys {
+            operators.insert(
+                name.clone(),
+                parse_key(k).map_err(|e| invalid(file, &format!("operators.keys.{name}"), &e))?,
+            );
+        }
+        let operators_max_age = duration(file, "operators.max_age", &raw.operators.max_age)?;
         let http_listen = raw.http.listen.parse().map_err(|e| {
             invalid(
                 file,
@@ -364,6 +456,8 @@ impl Config {
             heartbeat_interval,
             offline_after: heartbeat_interval * raw.devices.offline_after_intervals,
             tick: duration(file, "rollout.tick", &raw.rollout.tick)?,
+            operators,
+            operators_max_age,
             engine: Settings {
                 report_interval: heartbeat_interval,
                 fast_report_interval: fast,
@@ -407,7 +501,9 @@ mod tests {
             c.broker,
             BrokerConfig::Embedded {
                 listen: "127.0.0.1:1883".parse().unwrap(),
-                max_connections: 10000
+                max_connections: 10000,
+                tls: None,
+                credentials: None,
             }
         );
         assert_eq!(c.http_listen, "127.0.0.1:8080".parse().unwrap());

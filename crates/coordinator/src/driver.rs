@@ -23,9 +23,8 @@ use fleet_proto::operator::{
 };
 use fleet_proto::release::Release;
 use fleet_proto::rollout::RolloutState;
-use fleet_proto::{
-    DeviceId, RolloutId, SignedRelease, Topic, UnixMillis, VerifyingKey, decode, encode,
-};
+use fleet_proto::trust::SignedRotation;
+use fleet_proto::{DeviceId, RolloutId, SignedRelease, Topic, UnixMillis, decode, encode};
 use rumqttc::{AsyncClient, EventLoop, MqttOptions, Packet, QoS};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
@@ -38,8 +37,10 @@ use crate::engine::{self, Action, Actor, Event, OperatorCommand, ReportedOutcome
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::model::{DeviceInfo, reconcile_state};
+use crate::operators::Operators;
 use crate::registry::{AuditRow, Batch, DesiredRow, DeviceRow, OutMsg, Store};
 use crate::report;
+use crate::trust::Keyring;
 
 fn now() -> UnixMillis {
     UnixMillis::from_system(SystemTime::now())
@@ -90,10 +91,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let store = Store::open(&config.database)
         .with_context(|| format!("cannot open the registry {}", config.database.display()))?;
     let broker_cfg = config.broker.clone();
-    let broker = tokio::task::spawn_blocking(move || Broker::start(&broker_cfg))
+    let client_id = config.client_id.clone();
+    let broker = tokio::task::spawn_blocking(move || Broker::start(&broker_cfg, &client_id))
         .await
         .context("broker start panicked")??;
     let endpoint = broker.endpoint();
+    let own = broker.client_endpoint();
     let metrics = Arc::new(Metrics::default());
 
     let listener = tokio::net::TcpListener::bind(config.http_listen)
@@ -117,19 +120,38 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         }
     });
 
-    let mut opts = MqttOptions::new(
-        config.client_id.clone(),
-        endpoint.host.clone(),
-        endpoint.port,
-    );
+    let mut opts = MqttOptions::new(config.client_id.clone(), own.host.clone(), own.port);
     opts.set_keep_alive(Duration::from_secs(15));
     opts.set_max_packet_size(max_payload(), max_payload());
     opts.set_clean_session(false);
     opts.set_inflight(1000);
-    if let (Some(u), Some(p)) = (&endpoint.username, &endpoint.password) {
+    if let (Some(u), Some(p)) = (&own.username, &own.password) {
         opts.set_credentials(u.clone(), p.clone());
-    } else if let Some(u) = &endpoint.username {
+    } else if let Some(u) = &own.username {
         opts.set_credentials(u.clone(), String::new());
+    }
+    if let Some(tls) = &own.tls {
+        let client = crate::tls::client_config(
+            &tls.ca,
+            tls.client_cert
+                .as_ref()
+                .map(|(c, k)| (c.as_path(), k.as_path())),
+        )
+        .map_err(|e| anyhow::anyhow!("broker TLS: {e}"))?;
+        opts.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(client),
+        ));
+    }
+    let secured = match &config.broker {
+        crate::config::BrokerConfig::Embedded {
+            tls, credentials, ..
+        } => tls.is_some() || credentials.is_some(),
+        crate::config::BrokerConfig::External { tls, .. } => tls.is_some(),
+    };
+    if config.operators.is_empty() && secured {
+        warn!(
+            "no [operators] keys: operator commands are not authenticated; any client that may publish on rollouts/commands is obeyed"
+        );
     }
     let (client, eventloop) = AsyncClient::new(opts, 10_000);
     let (in_tx, in_rx) = mpsc::unbounded_channel();
@@ -239,7 +261,12 @@ struct Driver {
     store: Store,
     client: AsyncClient,
     metrics: Arc<Metrics>,
-    keys: Vec<VerifyingKey>,
+    /// The release keys the coordinator pins: `release_keys`, then every stored rotation.
+    keyring: Keyring,
+    /// Rotations accepted since the last commit.
+    new_rotations: Vec<(u64, SignedRotation)>,
+    /// Operators' keys and the replay window: who sent a command.
+    operators: Operators,
     settings: engine::Settings,
     offline_after: Duration,
     devices: HashMap<DeviceId, DeviceRow>,
@@ -308,11 +335,14 @@ impl Driver {
             rollouts.insert(r.id.clone(), r);
         }
         let next_rollout = store.next_rollout_seq()?;
+        let rotations = store.load_rotations()?;
         Ok(Driver {
             store,
             client,
             metrics,
-            keys: config.release_keys.clone(),
+            keyring: Keyring::load(&config.release_keys, rotations),
+            new_rotations: Vec::new(),
+            operators: Operators::new(config.operators.clone(), config.operators_max_age),
             settings: config.engine.clone(),
             offline_after: config.offline_after,
             devices,
@@ -421,6 +451,9 @@ impl Driver {
                     self.rollouts.values().map(|r| r.state_block(now)).collect();
                 for s in states {
                     let m = state_msg(&s);
+                    self.publish(&m).await;
+                }
+                if let Some(m) = self.keyring.message() {
                     self.publish(&m).await;
                 }
                 info!(
@@ -640,7 +673,7 @@ impl Driver {
                 self.metrics.report(Kind::Command);
                 self.on_command(req, now);
             }
-            Topic::Desired(_) | Topic::Reply(_) | Topic::RolloutState(_) => {}
+            Topic::Desired(_) | Topic::Reply(_) | Topic::RolloutState(_) | Topic::Trust => {}
         }
     }
 
@@ -769,6 +802,17 @@ impl Driver {
             ),
             EventKind::Refused { reason } => ("refused", reason.to_string()),
             EventKind::Failed { reason } => ("failed", reason.to_string()),
+            EventKind::KeysRotated { epoch, keys } => (
+                "keys rotated",
+                format!(
+                    "epoch {epoch}: pins [{}]",
+                    keys.iter()
+                        .map(|k| k.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            EventKind::RotationRefused { reason } => ("key rotation refused", reason.to_string()),
         };
         let _ = self.ensure_device(id, now);
         self.audit_row(
@@ -1102,6 +1146,7 @@ impl Driver {
             && self.outbox.is_empty()
             && self.published.is_empty()
             && self.new_releases.is_empty()
+            && self.new_rotations.is_empty()
         {
             return Ok(());
         }
@@ -1132,6 +1177,7 @@ impl Driver {
                 audit: std::mem::take(&mut self.audit),
                 outbox,
                 published: std::mem::take(&mut self.published),
+                rotations: std::mem::take(&mut self.new_rotations),
             };
             for (rid, devs) in &dirty_assign {
                 if let Some(r) = self.rollouts.get(rid) {
@@ -1192,6 +1238,27 @@ impl Driver {
 
     fn on_command(&mut self, req: Request, now: UnixMillis) {
         info!(request = %req.request_id, operator = %req.operator, command = ?std::mem::discriminant(&req.command), "operator command");
+        // Who sent it, before anything else: see `operators.rs`.
+        if let Err(why) = self.operators.check(&req, now) {
+            warn!(request = %req.request_id, operator = %req.operator, "command refused: {why}");
+            self.audit_row(
+                now,
+                Actor::Coordinator,
+                None,
+                None,
+                "refused an unauthenticated command",
+                format!(
+                    "request {} claiming operator {:?}: {why}",
+                    req.request_id, req.operator
+                ),
+            );
+            let result = Driver::refused(
+                format!("command refused: {why}"),
+                Some("sign commands with your operator key (fleetctl --operator-key FILE); the coordinator's [operators] keys must list your name and public key".into()),
+            );
+            self.reply(&req, result);
+            return;
+        }
         let result = match &req.command {
             Command::Plan { release } => self.cmd_plan(&req, release, now, false),
             Command::Start { release } => self.cmd_plan(&req, release, now, true),
@@ -1227,6 +1294,7 @@ impl Driver {
             },
             Command::Quarantine { device, reason } => self.cmd_quarantine(&req, device, reason, now),
             Command::ReleaseDevice { device } => self.cmd_release(&req, device, now),
+            Command::RotateKeys { rotation } => self.cmd_rotate(&req, rotation, now),
             Command::Audit(q) => {
                 // Pending rows first, so an audit query sees everything decided so far.
                 if let Err(e) = self.flush_audit(now) {
@@ -1254,6 +1322,58 @@ impl Driver {
         Ok(())
     }
 
+    fn cmd_rotate(
+        &mut self,
+        req: &Request,
+        signed: &SignedRotation,
+        now: UnixMillis,
+    ) -> ReplyResult {
+        match self.keyring.rotate(signed.clone()) {
+            Ok(rotation) => {
+                let ids: Vec<String> = self
+                    .keyring
+                    .pinned
+                    .keys
+                    .iter()
+                    .map(|k| fleet_proto::release::key_id(k).to_string())
+                    .collect();
+                let what = format!("epoch {}: pins [{}]", rotation.epoch, ids.join(", "));
+                info!(operator = %req.operator, "release keys rotated, {what}");
+                self.new_rotations.push((rotation.epoch, signed.clone()));
+                if let Some(m) = self.keyring.message() {
+                    self.outbox.push(m);
+                }
+                self.audit_row(
+                    now,
+                    Actor::Operator(req.operator.clone()),
+                    None,
+                    None,
+                    "rotate release keys",
+                    format!("{what}; published on fleet/v1/trust"),
+                );
+                Driver::accepted(ReplyBody::Done {
+                    message: format!(
+                        "release keys rotated ({what}); devices apply it from fleet/v1/trust"
+                    ),
+                })
+            }
+            Err(refusal) => {
+                self.audit_row(
+                    now,
+                    Actor::Operator(req.operator.clone()),
+                    None,
+                    None,
+                    "rotate release keys",
+                    format!("refused: {refusal}"),
+                );
+                Driver::refused(
+                    format!("key rotation refused: {refusal}"),
+                    Some("sign it with every key the fleet pins now and every new key (fleetctl key rotate); `fleetctl key show-rotation FILE` shows what it says".into()),
+                )
+            }
+        }
+    }
+
     fn cmd_plan(
         &mut self,
         req: &Request,
@@ -1261,7 +1381,7 @@ impl Driver {
         now: UnixMillis,
         start: bool,
     ) -> ReplyResult {
-        let opened = signed.open(&self.keys);
+        let opened = signed.open(&self.keyring.pinned.keys);
         let digest = signed.digest();
         if let Ok(r) = &opened
             && !self.releases.contains_key(&digest)

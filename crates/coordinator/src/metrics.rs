@@ -15,9 +15,9 @@ use crate::gate::Trigger;
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub reports: [AtomicU64; 5],
-    pub decode_errors: [AtomicU64; 8],
+    pub decode_errors: [AtomicU64; Kind::ALL.len()],
     /// Gaps in device report sequence numbers, per kind (indexed like `decode_errors`).
-    pub lost_reports: [AtomicU64; 8],
+    pub lost_reports: [AtomicU64; Kind::ALL.len()],
     pub id_mismatches: AtomicU64,
     pub commands: AtomicU64,
     pub publishes: AtomicU64,
@@ -251,6 +251,7 @@ pub fn kind_label(k: Kind) -> &'static str {
         Kind::Command => "command",
         Kind::Reply => "reply",
         Kind::RolloutState => "rollout_state",
+        Kind::Trust => "trust",
     }
 }
 

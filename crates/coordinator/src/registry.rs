@@ -14,6 +14,7 @@ use fleet_proto::device::Heartbeat;
 use fleet_proto::hex::Sha256;
 use fleet_proto::operator::{ActorKind, AuditEntry, AuditQuery};
 use fleet_proto::release::Release;
+use fleet_proto::trust::SignedRotation;
 use fleet_proto::{DeviceId, RolloutId, SignedRelease, UnixMillis};
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -116,6 +117,14 @@ const MIGRATIONS: &[&str] = &[
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END;
     ",
+    // 2: signed release-key rotations, in epoch order (published as the chain on fleet/v1/trust).
+    "
+    CREATE TABLE rotations (
+        epoch INTEGER PRIMARY KEY,
+        signed TEXT NOT NULL,
+        added_at INTEGER NOT NULL
+    );
+    ",
 ];
 
 /// One audit row to append.
@@ -169,6 +178,8 @@ pub struct Batch<'a> {
     pub outbox: Vec<OutMsg>,
     /// Outbox rows published since the last commit.
     pub published: Vec<i64>,
+    /// Key rotations accepted since the last commit: `(epoch, signed)`.
+    pub rotations: Vec<(u64, SignedRotation)>,
 }
 
 fn json<T: serde::Serialize>(v: &T) -> String {
@@ -290,6 +301,20 @@ impl Store {
                         detail: e.to_string(),
                     })?;
             out.push((digest, parse(&format!("releases/{d}"), &s)?));
+        }
+        Ok(out)
+    }
+
+    /// Every stored key rotation, in epoch order.
+    pub fn load_rotations(&self) -> Result<Vec<SignedRotation>, StoreError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT epoch, signed FROM rotations ORDER BY epoch")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (epoch, s) = row?;
+            out.push(parse(&format!("rotations/{epoch}"), &s)?);
         }
         Ok(out)
     }
@@ -431,6 +456,12 @@ impl Store {
                     json(&d.info),
                     d.heartbeat.as_ref().map(json),
                 ])?;
+            }
+            let mut st = tx.prepare_cached(
+                "INSERT INTO rotations (epoch, signed, added_at) VALUES (?1, ?2, ?3)",
+            )?;
+            for (epoch, signed) in &b.rotations {
+                st.execute(params![*epoch as i64, json(signed), now.0 as i64])?;
             }
             let mut st = tx.prepare_cached(
                 "INSERT OR IGNORE INTO releases (digest, name, version, counter, signed, first_seen)

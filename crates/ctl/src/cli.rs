@@ -42,6 +42,18 @@ pub struct Global {
     /// Config file [default: ~/.config/fleet/fleetctl.toml]
     #[arg(long, global = true, env = "FLEET_CTL_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
+    /// The CA (PEM) that signed the broker's certificate; required with an mqtts:// broker
+    #[arg(long, global = true, env = "FLEET_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Your client certificate (PEM), when the broker requires one
+    #[arg(long, global = true, env = "FLEET_CLIENT_CERT", value_name = "FILE")]
+    pub client_cert: Option<PathBuf>,
+    /// The key of --client-cert (PEM)
+    #[arg(long, global = true, env = "FLEET_CLIENT_KEY", value_name = "FILE")]
+    pub client_key: Option<PathBuf>,
+    /// Your operator signing key (`fleetctl keygen --name NAME`): signs every request
+    #[arg(long, global = true, env = "FLEET_OPERATOR_KEY", value_name = "FILE")]
+    pub operator_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +117,9 @@ pub enum Cmd {
     /// Sign and verify release manifests
     #[command(subcommand)]
     Manifest(ManifestCmd),
+    /// Rotate the release keys devices pin: sign a rotation, publish it, show one
+    #[command(subcommand)]
+    Key(KeyCmd),
     /// Build release artifacts
     #[command(subcommand)]
     Artifact(ArtifactCmd),
@@ -186,6 +201,33 @@ pub enum ManifestCmd {
         #[arg(long = "pub", value_name = "FILE", required = true)]
         public: Vec<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCmd {
+    /// Sign a key rotation: from epoch N on, devices pin the --to keys. Sign it with every key
+    /// the fleet pins now and every new key (--sign, repeated)
+    Rotate {
+        /// Above the fleet's current epoch (the first rotation is 1)
+        #[arg(long)]
+        epoch: u64,
+        /// A public key file devices pin from now on (once or twice)
+        #[arg(long = "to", value_name = "FILE", required = true)]
+        to: Vec<PathBuf>,
+        /// A signing key file: every currently pinned key and every new one
+        #[arg(long = "sign", value_name = "FILE", required = true)]
+        sign: Vec<PathBuf>,
+        /// Where to write the signed rotation [default: rotation-EPOCH.json]
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// The keys pinned now (public key files), to check the rotation before writing it
+        #[arg(long = "pinned", value_name = "FILE")]
+        pinned: Vec<PathBuf>,
+    },
+    /// Send a signed rotation to the coordinator, which publishes it to every device
+    Publish { rotation: PathBuf },
+    /// What a signed rotation says (epoch, keys, signers), unverified
+    Show { rotation: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]

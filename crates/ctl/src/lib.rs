@@ -4,6 +4,7 @@
 //! # Layout
 //! - [`link`]: connect, send one request and wait for its reply; follow a rollout's state.
 //! - [`settings`]: connection settings from flags, `FLEET_…` variables and the config file.
+//! - [`tls`]: the TLS client config (pinned CA, optional client certificate; rustls + ring).
 //! - [`watch`]: the `rollout watch` loop and progress view.
 //! - [`pack`]: a directory → a reproducible tar.gz and its manifest stanza.
 //! - [`render`]: human output (tables, checklist, progress bars).
@@ -14,6 +15,7 @@ pub mod link;
 pub mod pack;
 pub mod render;
 pub mod settings;
+pub mod tls;
 pub mod watch;
 
 use fleet_proto::operator::Refused;

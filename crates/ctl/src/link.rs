@@ -17,12 +17,13 @@ use rumqttc::{
 use tokio::time::{Instant, timeout_at};
 
 use crate::exit::{Exit, Failure};
-use crate::settings::Settings;
+use crate::settings::{Secure, Settings};
 
 pub struct Link {
     client: AsyncClient,
     events: EventLoop,
     settings: Settings,
+    secure: Secure,
 }
 
 impl std::fmt::Debug for Link {
@@ -45,9 +46,31 @@ fn random_id(prefix: &str) -> String {
 }
 
 impl Link {
+    /// Connects over plain TCP with unsigned requests (fleet-sim, a lab network).
     pub async fn connect(settings: &Settings) -> Result<Link, Failure> {
+        Link::connect_with(settings, &Secure::default()).await
+    }
+
+    /// Connects with TLS (pinned CA, optional client certificate) if `secure.tls` says so, and
+    /// signs every request with `secure.operator_key` if given.
+    pub async fn connect_with(settings: &Settings, secure: &Secure) -> Result<Link, Failure> {
         let broker = &settings.broker;
         let mut options = MqttOptions::new(random_id("fleetctl"), &broker.host, broker.port);
+        if let Some(tls) = &secure.tls {
+            let config = crate::tls::client_config(
+                &tls.ca,
+                tls.client_cert
+                    .as_ref()
+                    .map(|(c, k)| (c.as_path(), k.as_path())),
+            )
+            .map_err(|e| {
+                Failure::new(Exit::Error, format!("TLS settings: {e}"))
+                    .hint("--ca names the CA (PEM) that signed the broker's certificate; --client-cert/--client-key your certificate")
+            })?;
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(config),
+            ));
+        }
         options.set_keep_alive(Duration::from_secs(30));
         options.set_clean_session(true);
         // Replies can list a whole fleet; the defaults (10 KiB) cannot.
@@ -109,6 +132,7 @@ impl Link {
             client,
             events,
             settings: settings.clone(),
+            secure: secure.clone(),
         })
     }
 
@@ -173,11 +197,16 @@ impl Link {
         let reply_topic = Topic::Reply(request_id.clone()).to_string();
         let deadline = Instant::now() + self.settings.timeout;
         self.subscribe(&reply_topic, deadline).await?;
-        let request = Request {
+        let mut request = Request {
             request_id: request_id.clone(),
             operator: self.settings.operator.clone(),
             command,
+            auth: None,
         };
+        if let Some(key) = &self.secure.operator_key {
+            let now = fleet_proto::UnixMillis::from_system(std::time::SystemTime::now());
+            request = request.sign(key, now);
+        }
         self.client
             .publish(
                 Topic::Commands.to_string(),

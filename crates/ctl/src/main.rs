@@ -10,6 +10,7 @@
 
 mod cli;
 mod keys;
+mod rotation;
 mod sign;
 
 use std::io::IsTerminal as _;
@@ -22,7 +23,7 @@ use fleet_proto::operator::{AuditQuery, Command, ReplyBody};
 use fleet_proto::rollout::RolloutStatus;
 use serde::Serialize;
 
-use cli::{ArtifactCmd, Cli, Cmd, DeviceCmd, ManifestCmd, RolloutCmd};
+use cli::{ArtifactCmd, Cli, Cmd, DeviceCmd, KeyCmd, ManifestCmd, RolloutCmd};
 use fleetctl::exit::{Exit, Failure};
 use fleetctl::link::{Answer, Link};
 use fleetctl::{pack, refused, render, settings, watch};
@@ -76,15 +77,19 @@ fn unexpected(what: &str) -> anyhow::Error {
 }
 
 async fn connect(cli: &cli::Global) -> anyhow::Result<Link> {
-    let settings = settings::resolve(settings::Flags {
+    let (settings, secure) = settings::resolve_all(settings::Flags {
         broker: cli.broker.clone(),
         username: cli.username.clone(),
         password: cli.password.clone(),
         operator: cli.operator.clone(),
         timeout: cli.timeout.clone(),
         config: cli.config.clone(),
+        ca: cli.ca.clone(),
+        client_cert: cli.client_cert.clone(),
+        client_key: cli.client_key.clone(),
+        operator_key: cli.operator_key.clone(),
     })?;
-    Ok(Link::connect(&settings).await?)
+    Ok(Link::connect_with(&settings, &secure).await?)
 }
 
 /// Sends one command; a refusal becomes a failure (and is printed as JSON too with `--json`).
@@ -138,6 +143,40 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
                 out.display()
             );
             println!("release digest {}", signed.digest());
+            Ok(Exit::Ok)
+        }
+        Cmd::Key(KeyCmd::Rotate {
+            epoch,
+            to,
+            sign,
+            out,
+            pinned,
+        }) => {
+            let signed = rotation::rotate(epoch, &to, &sign, &pinned, now())?;
+            let out = out.unwrap_or_else(|| format!("rotation-{epoch}.json").into());
+            std::fs::write(&out, signed.to_json() + "\n")
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+            print!("{}", rotation::describe(&signed)?);
+            println!(
+                "wrote {}; send it with `fleetctl key publish {}`",
+                out.display(),
+                out.display()
+            );
+            Ok(Exit::Ok)
+        }
+        Cmd::Key(KeyCmd::Show { rotation: path }) => {
+            print!("{}", rotation::describe(&rotation::read(&path)?)?);
+            Ok(Exit::Ok)
+        }
+        Cmd::Key(KeyCmd::Publish { rotation: path }) => {
+            let signed = rotation::read(&path)?;
+            let mut link = connect(&cli.global).await?;
+            let body = ask(&mut link, Command::RotateKeys { rotation: signed }, false).await?;
+            link.disconnect().await;
+            match body {
+                ReplyBody::Done { message } => println!("{message}"),
+                _ => return Err(unexpected("a key rotation")),
+            }
             Ok(Exit::Ok)
         }
         Cmd::Manifest(ManifestCmd::Verify { release, public }) => {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use fleet_proto::SigningKey;
 use serde::Deserialize;
 
 /// The optional config file; every key mirrors a global flag.
@@ -16,6 +17,13 @@ pub struct File {
     pub password: Option<String>,
     pub operator: Option<String>,
     pub timeout: Option<String>,
+    /// The CA that signed the broker's certificate (PEM), for `mqtts://`.
+    pub ca: Option<PathBuf>,
+    /// A client certificate and its key (PEM), when the broker requires one.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// The operator's ed25519 signing key (`fleetctl keygen --name NAME`): signs every request.
+    pub operator_key: Option<PathBuf>,
 }
 
 /// The resolved connection settings.
@@ -42,14 +50,49 @@ impl std::fmt::Display for Broker {
     }
 }
 
-/// Parses `mqtt://host:port`, `host:port` or `host` (port 1883).
+/// TLS and the operator's identity: what `--ca`, `--client-cert`/`--client-key` and
+/// `--operator-key` say. Kept apart from [`Settings`] so that code building a `Settings` by
+/// hand (fleet-sim) is unaffected.
+#[derive(Clone, Default)]
+pub struct Secure {
+    /// `mqtts://`: the pinned CA and an optional client certificate.
+    pub tls: Option<Tls>,
+    /// Signs every request; the coordinator's `[operators] keys` must list it under `--as`.
+    pub operator_key: Option<SigningKey>,
+}
+
+impl std::fmt::Debug for Secure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secure")
+            .field("tls", &self.tls)
+            .field("operator_key", &self.operator_key.is_some())
+            .finish()
+    }
+}
+
+/// A TLS client: the one CA it trusts (never the system roots), and its certificate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tls {
+    pub ca: PathBuf,
+    /// `(certificate, key)`.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+/// Whether a broker URL asks for TLS (`mqtts://`).
+pub fn wants_tls(url: &str) -> bool {
+    url.starts_with("mqtts://")
+}
+
+/// Parses `mqtt://host:port`, `mqtts://host:port` (TLS, port 8883 by default), `host:port` or
+/// `host` (port 1883).
 pub fn parse_broker(url: &str) -> anyhow::Result<Broker> {
-    let rest = match url.split_once("://") {
-        Some(("mqtt", rest)) => rest,
+    let (rest, default_port) = match url.split_once("://") {
+        Some(("mqtt", rest)) => (rest, 1883),
+        Some(("mqtts", rest)) => (rest, 8883),
         Some((scheme, _)) => bail!(
-            "broker URL {url:?}: scheme {scheme}:// is not supported by this build; use mqtt://host:port"
+            "broker URL {url:?}: scheme {scheme}:// is not supported by this build; use mqtt://host:port or mqtts://host:port"
         ),
-        None => url,
+        None => (url, 1883),
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
@@ -58,7 +101,7 @@ pub fn parse_broker(url: &str) -> anyhow::Result<Broker> {
             port.parse::<u16>()
                 .with_context(|| format!("broker URL {url:?}: port {port:?} is not a number"))?,
         ),
-        None => (rest, 1883),
+        None => (rest, default_port),
     };
     if host.is_empty() {
         bail!("broker URL {url:?} has no host");
@@ -81,6 +124,10 @@ pub struct Flags {
     pub operator: Option<String>,
     pub timeout: Option<String>,
     pub config: Option<PathBuf>,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub operator_key: Option<PathBuf>,
 }
 
 pub fn default_config_path() -> Option<PathBuf> {
@@ -115,7 +162,31 @@ fn login_name() -> String {
 }
 
 pub fn resolve(flags: Flags) -> anyhow::Result<Settings> {
+    resolve_all(flags).map(|(settings, _)| settings)
+}
+
+/// The connection settings and the TLS/identity ones, from the same flags and file.
+pub fn resolve_all(flags: Flags) -> anyhow::Result<(Settings, Secure)> {
     let file = load_file(&flags)?;
+    let ca = flags.ca.clone().or(file.ca.clone());
+    let cert = flags.client_cert.clone().or(file.client_cert.clone());
+    let key = flags.client_key.clone().or(file.client_key.clone());
+    let operator_key = match flags.operator_key.clone().or(file.operator_key.clone()) {
+        None => None,
+        Some(p) => {
+            let text = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read operator key {}", p.display()))?;
+            Some(
+                fleet_proto::release::parse_signing_key(&text)
+                    .map_err(|e| anyhow::anyhow!("operator key {}: {e}", p.display()))?,
+            )
+        }
+    };
+    let client_cert = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => bail!("--client-cert and --client-key go together: give both or neither"),
+    };
     let broker = flags
         .broker
         .or(file.broker)
@@ -125,13 +196,26 @@ pub fn resolve(flags: Flags) -> anyhow::Result<Settings> {
         Some(t) => humantime::parse_duration(&t)
             .with_context(|| format!("timeout {t:?} is not a duration such as 10s"))?,
     };
-    Ok(Settings {
-        broker: parse_broker(&broker)?,
-        username: flags.username.or(file.username),
-        password: flags.password.or(file.password),
-        operator: flags.operator.or(file.operator).unwrap_or_else(login_name),
-        timeout,
-    })
+    let tls = if wants_tls(&broker) {
+        let Some(ca) = ca else {
+            bail!(
+                "broker URL {broker:?} is mqtts:// but no --ca (FLEET_CA) names the CA that signed the broker's certificate; system roots are never trusted"
+            );
+        };
+        Some(Tls { ca, client_cert })
+    } else {
+        None
+    };
+    Ok((
+        Settings {
+            broker: parse_broker(&broker)?,
+            username: flags.username.or(file.username),
+            password: flags.password.or(file.password),
+            operator: flags.operator.or(file.operator).unwrap_or_else(login_name),
+            timeout,
+        },
+        Secure { tls, operator_key },
+    ))
 }
 
 #[cfg(test)]
@@ -150,8 +234,10 @@ mod tests {
         assert_eq!(b("127.0.0.1:9"), Ok("mqtt://127.0.0.1:9".into()));
         assert_eq!(
             b("ws://x:1"),
-            Err("broker URL \"ws://x:1\": scheme ws:// is not supported by this build; use mqtt://host:port".into())
+            Err("broker URL \"ws://x:1\": scheme ws:// is not supported by this build; use mqtt://host:port or mqtts://host:port".into())
         );
+        assert_eq!(b("mqtts://gw"), Ok("mqtt://gw:8883".into()));
+        assert!(wants_tls("mqtts://gw") && !wants_tls("mqtt://gw"));
         assert_eq!(
             b("mqtt://:1883"),
             Err("broker URL \"mqtt://:1883\" has no host".into())

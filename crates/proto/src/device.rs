@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::frame::{Kind, Message};
 use crate::hex::Sha256;
 use crate::ids::{DeviceId, RolloutId};
-use crate::release::{Arch, Refusal, SignedRelease};
+use crate::release::{Arch, KeyId, Refusal, SignedRelease};
+use crate::trust::RotationRefusal;
 use crate::time::UnixMillis;
 
 /// What a device is: reported by the agent from its config and the hardware, and used by the
@@ -287,6 +288,15 @@ pub enum EventKind {
     },
     Failed {
         reason: Failure,
+    },
+    /// The device applied a signed key rotation: it pins `keys` from now on.
+    KeysRotated {
+        epoch: u64,
+        keys: Vec<KeyId>,
+    },
+    /// The device refused a key rotation and keeps the keys it pins.
+    RotationRefused {
+        reason: RotationRefusal,
     },
 }
 

@@ -5,20 +5,99 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use ed25519_dalek::{Signature, Signer as _, SigningKey, VerifyingKey};
+
 use crate::device::{DeviceFacts, Heartbeat, Installed};
 use crate::frame::{Kind, Message};
+use crate::hex::Hex;
 use crate::ids::{DeviceId, RequestId, RolloutId};
 use crate::release::SignedRelease;
 use crate::rollout::{Report, RolloutState};
 use crate::time::UnixMillis;
+use crate::trust::SignedRotation;
 
 /// One operator request. The reply arrives on `rollouts/replies/{request_id}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Request {
     pub request_id: RequestId,
-    /// Who asks: recorded in the audit trail.
+    /// Who asks: recorded in the audit trail. Only as trustworthy as `auth`: a coordinator that
+    /// knows operator keys accepts the name only with a valid signature by that operator's key.
     pub operator: String,
     pub command: Command,
+    /// The operator's signature (appended in protocol v1; absent in older requests).
+    ///
+    /// Design: absent is *not written* at all, so an unsigned request is byte-for-byte what an
+    /// older fleetctl sends, and a postcard request that ends before this field reads as
+    /// unsigned (the lenient reader below); a coordinator that requires signatures refuses it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lenient_auth"
+    )]
+    pub auth: Option<CommandAuth>,
+}
+
+/// An operator's ed25519 signature over a request, and when it was made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandAuth {
+    /// When fleetctl signed it: the coordinator refuses requests older (or newer) than its
+    /// `operators.max_age`, and remembers request ids inside that window (no replays).
+    pub signed_at: UnixMillis,
+    pub signature: Hex<64>,
+}
+
+/// Reads `auth`, treating a frame that ends before it (an older postcard writer) as unsigned.
+fn lenient_auth<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<CommandAuth>, D::Error> {
+    Ok(Option::<CommandAuth>::deserialize(d).unwrap_or(None))
+}
+
+/// Prefixed to a request's bytes before signing, so no other signed fleet object (a release,
+/// a key rotation) can be passed off as a command.
+const COMMAND_DOMAIN: &[u8] = b"fleet/v1 operator command\0";
+
+impl Request {
+    /// What the operator signs: the domain prefix, then the postcard encoding of the request
+    /// id, the operator's name, the command and the signing time. Everything that decides what
+    /// the coordinator does is covered; a re-encoding of the decoded request gives the same
+    /// bytes (every field survives JSON exactly).
+    pub fn signing_bytes(&self, signed_at: UnixMillis) -> Vec<u8> {
+        let mut bytes = COMMAND_DOMAIN.to_vec();
+        postcard::to_io(
+            &(&self.request_id, &self.operator, &self.command, signed_at),
+            &mut bytes,
+        )
+        .expect("a request has no unsized sequences");
+        bytes
+    }
+
+    /// Signs the request as `key`'s holder at `now`.
+    pub fn sign(mut self, key: &SigningKey, now: UnixMillis) -> Request {
+        let signature = key.sign(&self.signing_bytes(now));
+        self.auth = Some(CommandAuth {
+            signed_at: now,
+            signature: Hex(signature.to_bytes()),
+        });
+        self
+    }
+
+    /// Checks the signature against `key`; returns when it was signed.
+    pub fn verify(&self, key: &VerifyingKey) -> Result<UnixMillis, String> {
+        let auth = self
+            .auth
+            .as_ref()
+            .ok_or("the request is not signed by an operator key")?;
+        key.verify_strict(
+            &self.signing_bytes(auth.signed_at),
+            &Signature::from_bytes(&auth.signature.0),
+        )
+        .map(|()| auth.signed_at)
+        .map_err(|_| {
+            format!(
+                "bad signature: the request was altered or not signed by {}'s key",
+                self.operator
+            )
+        })
+    }
 }
 
 impl Message for Request {
@@ -71,6 +150,11 @@ pub enum Command {
         device: DeviceId,
     },
     Audit(AuditQuery),
+    /// Pin new release keys on every device: the coordinator checks the rotation against the
+    /// keys it pins, stores it and publishes the whole chain, retained, on `fleet/v1/trust`.
+    RotateKeys {
+        rotation: SignedRotation,
+    },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

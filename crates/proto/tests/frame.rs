@@ -110,6 +110,7 @@ fn request() -> Request {
         request_id: RequestId::new("q-1").unwrap(),
         operator: "alice".into(),
         command: Command::Approve { rollout: rollout() },
+        auth: None,
     }
 }
 

@@ -420,6 +420,7 @@ fn request() -> impl Strategy<Value = Request> {
         request_id: RequestId::new(id).unwrap(),
         operator,
         command,
+        auth: None,
     })
 }
 

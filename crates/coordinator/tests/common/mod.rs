@@ -283,6 +283,7 @@ impl Operator {
             request_id: request_id.clone(),
             operator: "tester".into(),
             command,
+            auth: None,
         };
         self.send_raw(encode(&req)).await;
         let topic = Topic::Reply(request_id.clone()).to_string();
