@@ -32,6 +32,15 @@ enum Cmd {
     },
     /// Many protocol-level simulated devices against a broker (no slots, no app processes)
     Load(Box<LoadArgs>),
+    /// Measured figures for the agent, the coordinator and the brokers (BENCHMARKS.md)
+    Bench {
+        /// Shorter windows and smaller fleets: under five minutes
+        #[arg(long)]
+        quick: bool,
+        /// Where the Markdown table is written
+        #[arg(long, default_value = "target/fleet-bench.md")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -114,6 +123,9 @@ fn main() -> anyhow::Result<()> {
         .init();
     runtime.block_on(async move {
         match cli.command {
+            Cmd::Bench { quick, out } => {
+                fleet_sim::bench::run(fleet_sim::bench::Options { quick, out }).await
+            }
             Cmd::Demo { devices, keep } => {
                 anyhow::ensure!(
                     devices >= 6,
