@@ -216,11 +216,13 @@ impl Driver {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             at: now(),
         };
+        let (mqtt, tls) = mqtt_security(&cfg.mqtt)?;
         let link = Link::new(LinkOptions {
             client_id: id.to_string(),
-            mqtt: cfg.mqtt.clone(),
+            mqtt,
             will_topic: Topic::Online(id.clone()).to_string(),
             will_payload: encode(&will),
+            tls,
         });
         let counters_path = cfg.paths.state.join("counters");
         let counters = std::fs::read(&counters_path)
@@ -279,6 +281,22 @@ impl Driver {
         };
         if let Some(d) = self.state.report_interval {
             self.heartbeat_every = d;
+        }
+        if let Some(p) = &self.state.pinned {
+            let pinned = self.state.pinned(&self.ctx);
+            if pinned.keys != self.ctx.keys {
+                let ids: Vec<String> = pinned
+                    .keys
+                    .iter()
+                    .map(|k| fleet_proto::release::key_id(k).to_string())
+                    .collect();
+                warn!(
+                    epoch = p.epoch,
+                    "trust.keys in the config are not used: a signed key rotation (epoch {}) pins [{}]; put them in the config, or re-provision the device to start from the config again",
+                    p.epoch,
+                    ids.join(", ")
+                );
+            }
         }
         let link = self
             .layout
@@ -738,6 +756,7 @@ impl Driver {
                 info!("connected to the broker");
                 let id = self.ctx.device.clone();
                 self.link.subscribe(Topic::Desired(id.clone()).to_string());
+                self.link.subscribe(Topic::Trust.to_string());
                 let online = Online {
                     device: id.clone(),
                     online: true,
@@ -764,6 +783,22 @@ impl Driver {
     }
 
     async fn on_message(&mut self, topic: String, payload: Vec<u8>) -> Result<(), Error> {
+        if topic == Topic::Trust.to_string() && !payload.is_empty() {
+            // Size-checked before decoding, like every frame (`Kind::Trust.max_size()`).
+            return match decode::<fleet_proto::trust::TrustChain>(&payload) {
+                Ok(chain) => self.apply(Input::Trust { chain }).await,
+                Err(e) => {
+                    self.decode_errors += 1;
+                    warn!(
+                        topic,
+                        count = self.decode_errors,
+                        "dropping a frame: {}",
+                        e.on(&topic)
+                    );
+                    Ok(())
+                }
+            };
+        }
         let own = Topic::Desired(self.ctx.device.clone()).to_string();
         if topic != own {
             debug!(
@@ -941,7 +976,36 @@ fn input_name(input: &Input) -> &'static str {
         Input::Probe { .. } => "Probe",
         Input::Snapshotted { .. } => "Snapshotted",
         Input::Restored { .. } => "Restored",
+        Input::Trust { .. } => "Trust",
     }
+}
+
+/// The MQTT settings with the password read from `mqtt.password_file`, and the TLS client
+/// config (pinned CA, optional client certificate) built once: a bad file stops the start
+/// (exit 3, invalid configuration) instead of failing every reconnect.
+fn mqtt_security(
+    m: &crate::config::MqttConfig,
+) -> Result<
+    (
+        crate::config::MqttConfig,
+        Option<std::sync::Arc<rustls::ClientConfig>>,
+    ),
+    Error,
+> {
+    let mut m = m.clone();
+    if let Some(path) = &m.password_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("mqtt.password_file {}: {e}", path.display())))?;
+        m.password = Some(text.trim().to_owned());
+    }
+    let tls = match &m.ca {
+        None => None,
+        Some(ca) => Some(
+            crate::tls::client_config(ca, m.client_cert.as_deref().zip(m.client_key.as_deref()))
+                .map_err(|e| Error::Config(format!("mqtt TLS: {e}")))?,
+        ),
+    };
+    Ok((m, tls))
 }
 
 /// In a slot of a container release: the id of the image the release runs, written at install.

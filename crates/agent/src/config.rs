@@ -58,6 +58,16 @@ pub struct MqttConfig {
     pub port: u16,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// The password in a file of its own (mode 0600, owned by the agent's user), instead of
+    /// `password` in this config: the per-device secret `fleet-coordinator credential` makes.
+    pub password_file: Option<PathBuf>,
+    /// TLS: the CA that signed the broker's certificate (PEM). The only root trusted (system
+    /// roots never are). Unset: plain TCP.
+    pub ca: Option<PathBuf>,
+    /// TLS client certificate and key (PEM), for a broker that requires one (mosquitto
+    /// `require_certificate true`, `use_identity_as_username true`: its CN is the device id).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
     #[serde(deserialize_with = "duration")]
     pub keep_alive: Duration,
     /// Backoff between connection attempts: doubles from `reconnect_min` up to `reconnect_max`,
@@ -75,6 +85,10 @@ impl Default for MqttConfig {
             port: 1883,
             username: None,
             password: None,
+            password_file: None,
+            ca: None,
+            client_cert: None,
+            client_key: None,
             keep_alive: Duration::from_secs(30),
             reconnect_min: Duration::from_secs(1),
             reconnect_max: Duration::from_secs(60),
@@ -388,8 +402,23 @@ impl Config {
         if self.trial.attempts == 0 {
             return Err("trial.attempts must be at least 1".into());
         }
-        if self.mqtt.username.is_some() != self.mqtt.password.is_some() {
-            return Err("mqtt.username and mqtt.password go together: set both or neither".into());
+        if self.mqtt.password.is_some() && self.mqtt.password_file.is_some() {
+            return Err("mqtt.password and mqtt.password_file: set one, not both".into());
+        }
+        let has_password = self.mqtt.password.is_some() || self.mqtt.password_file.is_some();
+        if self.mqtt.username.is_some() != has_password {
+            return Err(
+                "mqtt.username and mqtt.password (or mqtt.password_file) go together: set both or neither"
+                    .into(),
+            );
+        }
+        if self.mqtt.client_cert.is_some() != self.mqtt.client_key.is_some() {
+            return Err(
+                "mqtt.client_cert and mqtt.client_key go together: set both or neither".into(),
+            );
+        }
+        if self.mqtt.client_cert.is_some() && self.mqtt.ca.is_none() {
+            return Err("mqtt.client_cert needs TLS: set mqtt.ca too".into());
         }
         if self.mqtt.reconnect_min > self.mqtt.reconnect_max {
             return Err("mqtt.reconnect_min must not exceed mqtt.reconnect_max".into());
@@ -473,6 +502,36 @@ mod tests {
         assert_eq!(c.mqtt.port, 1999);
         assert_eq!(c.device.tags, ["a", "b"]);
         assert_eq!(c.trial.restore_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn mqtt_credentials_and_tls_keys_go_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = [
+            ("[mqtt]\nusername = \"cam-1\"\n", "go together"),
+            (
+                "[mqtt]\nusername = \"cam-1\"\npassword = \"x\"\npassword_file = \"/s\"\n",
+                "not both",
+            ),
+            (
+                "[mqtt]\nca = \"/ca.pem\"\nclient_cert = \"/c.pem\"\n",
+                "client_key",
+            ),
+            (
+                "[mqtt]\nclient_cert = \"/c.pem\"\nclient_key = \"/c.key\"\n",
+                "needs TLS",
+            ),
+        ];
+        for (extra, want) in bad {
+            let path = write(dir.path(), &(minimal() + extra));
+            let err = load(&path, []).unwrap_err().to_string();
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+        let good = "[mqtt]\nusername = \"cam-1\"\npassword_file = \"/s\"\nca = \"/ca.pem\"\nclient_cert = \"/c.pem\"\nclient_key = \"/c.key\"\n";
+        let path = write(dir.path(), &(minimal() + good));
+        let c = load(&path, []).unwrap();
+        assert_eq!(c.mqtt.ca.as_deref(), Some(Path::new("/ca.pem")));
+        assert_eq!(c.mqtt.password_file.as_deref(), Some(Path::new("/s")));
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //! - [`health`]: health layers 2–4: system, health endpoint, functional probe.
 //! - [`outbox`]: the durable, ordered, bounded event outbox.
 //! - [`link`]: the MQTT client driver (rumqttc), reconnects, event acknowledgements.
+//! - [`tls`]: the MQTT TLS client config (pinned CA, optional client certificate; rustls +
+//!   ring, no process-wide provider).
 //! - [`agent`]: the driver tying them together: [`run`].
 //! - [`notify`]: systemd's notify protocol (used by the binary).
 //! - [`fault`]: named fault points (feature `fault-points`).
@@ -42,6 +44,7 @@ pub mod outbox;
 pub mod runtime;
 pub mod slots;
 pub mod snapshot;
+pub mod tls;
 pub mod trial;
 
 pub use agent::{Error, Options, run, run_with};

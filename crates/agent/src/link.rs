@@ -10,6 +10,7 @@
 //! reconnect (the coordinator de-duplicates by `seq`).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_proto::frame::Kind;
@@ -26,6 +27,8 @@ pub struct LinkOptions {
     /// Topic and payload of the last will (retained, QoS 1).
     pub will_topic: String,
     pub will_payload: Vec<u8>,
+    /// TLS with the pinned CA (and a client certificate), built once at start; `None`: TCP.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// What the link tells the driver.
@@ -111,6 +114,11 @@ impl Link {
         ));
         if let (Some(u), Some(p)) = (&m.username, &m.password) {
             o.set_credentials(u.clone(), p.clone());
+        }
+        if let Some(tls) = &self.opts.tls {
+            o.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
         }
         let (client, mut eventloop) = AsyncClient::new(o, CHANNEL);
         let tx = self.tx.clone();

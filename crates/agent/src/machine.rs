@@ -21,8 +21,10 @@ use fleet_proto::device::{
     Desired, DeviceFacts, EventKind, Failure, Installed, Outcome, OutcomeKind, RollbackReason,
     Slot, UpdatePhase,
 };
+use fleet_proto::hex::Hex;
 use fleet_proto::hex::Sha256;
-use fleet_proto::release::{Accepted, Release, Trust, admit};
+use fleet_proto::release::{Accepted, Release, Trust, admit, key_id};
+use fleet_proto::trust::{Pinned, TrustChain, follow, trusted_now};
 use fleet_proto::{DeviceId, Refusal, RolloutId, SignedRelease, UnixMillis, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
@@ -173,9 +175,53 @@ pub struct State {
     /// The latest desired state that arrived while busy.
     pub pending: Option<Desired>,
     pub report_interval: Option<Duration>,
+    // Appended by issue 8; `serde(default)` reads journals written before.
+    /// The release keys a signed rotation made this device pin; `None`: the config's
+    /// `trust.keys` (epoch 0). Never goes back: only a rotation signed by these keys changes it.
+    #[serde(default)]
+    pub pinned: Option<PinnedKeys>,
+    /// The trusted-time floor: the latest signed time this device accepted (a release's
+    /// `not_before`, a rotation's `issued_at`). Validity windows are checked against the later
+    /// of the clock and this, so a clock wound back does not revive an expired release.
+    #[serde(default)]
+    pub time_floor: UnixMillis,
+    /// The epoch of the last rotation refused, so a retained chain re-delivered on every
+    /// reconnect is reported once.
+    #[serde(default)]
+    pub rotation_refused: Option<u64>,
+}
+
+/// Release keys pinned by a rotation, as journaled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinnedKeys {
+    pub epoch: u64,
+    pub keys: Vec<Hex<32>>,
 }
 
 impl State {
+    /// The keys this device pins now, and the epoch that set them.
+    pub fn pinned(&self, ctx: &Ctx) -> Pinned {
+        match &self.pinned {
+            Some(p) => Pinned {
+                epoch: p.epoch,
+                keys: p
+                    .keys
+                    .iter()
+                    .filter_map(|k| VerifyingKey::from_bytes(&k.0).ok())
+                    .collect(),
+            },
+            None => Pinned {
+                epoch: 0,
+                keys: ctx.keys.clone(),
+            },
+        }
+    }
+
+    /// Raises the trusted-time floor to a signed time just accepted.
+    fn raise_floor(&mut self, signed_time: UnixMillis) {
+        self.time_floor = self.time_floor.max(signed_time);
+    }
+
     pub fn fresh() -> State {
         State {
             highest: None,
@@ -188,6 +234,9 @@ impl State {
             failed: Vec::new(),
             pending: None,
             report_interval: None,
+            pinned: None,
+            time_floor: UnixMillis(0),
+            rotation_refused: None,
         }
     }
 
@@ -256,6 +305,8 @@ pub enum Input {
         sequence: u64,
         result: Result<(), String>,
     },
+    /// The chain of signed key rotations arrived (`fleet/v1/trust`).
+    Trust { chain: TrustChain },
 }
 
 /// What the driver must do, in order, after persisting the state.
@@ -334,6 +385,7 @@ pub fn step(ctx: &Ctx, state: State, input: Input, now: UnixMillis) -> (State, V
         Input::Desired { desired, disk_free } => {
             on_desired(ctx, &mut s, desired, disk_free, now, &mut actions)
         }
+        Input::Trust { chain } => on_trust(ctx, &mut s, &chain, &mut actions),
         Input::Downloaded { sequence, result } => {
             let Phase::Downloading { job } = &s.phase else {
                 return (s, actions);
@@ -897,20 +949,26 @@ fn on_desired(
         actions.push(Action::Report);
         return;
     }
+    let pinned = s.pinned(ctx);
     let trust = Trust {
-        keys: &ctx.keys,
-        now,
+        keys: &pinned.keys,
+        // The later of the clock and the floor: see `State::time_floor`.
+        now: trusted_now(now, s.time_floor),
         skew: ctx.skew,
         highest: s.highest.as_ref(),
         device: &ctx.device,
         facts: &ctx.facts,
     };
     let release = match admit(&signed, &trust) {
-        Ok(r) => r,
+        Ok(r) => {
+            // Signed by a pinned key: its signing time is a lower bound on the real time.
+            s.raise_floor(r.not_before);
+            r
+        }
         Err(reason) => {
             // The version is unknown when the signature did not check; say so.
             let version = signed
-                .open(&ctx.keys)
+                .open(&pinned.keys)
                 .map(|r| r.version)
                 .unwrap_or_else(|_| "(unverified)".into());
             refuse(s, actions, version, reason);
@@ -971,6 +1029,49 @@ fn on_desired(
         });
         s.phase = Phase::Downloading { job };
         actions.push(Action::Report);
+    }
+}
+
+/// Applies the rotations of `chain` this device does not have yet, in epoch order, each
+/// checked against the keys the previous one left pinned (`fleet_proto::trust::follow`).
+/// Nothing about an update in flight changes: a release already admitted goes on; the next
+/// one is checked against the new keys.
+fn on_trust(ctx: &Ctx, s: &mut State, chain: &TrustChain, actions: &mut Vec<Action>) {
+    let (applied, refused) = follow(chain, &s.pinned(ctx));
+    let event = |kind: EventKind, s: &State| Action::Emit {
+        sequence: s.applied_sequence,
+        rollout: None,
+        version: "release keys".into(),
+        kind,
+    };
+    for a in applied {
+        s.pinned = Some(PinnedKeys {
+            epoch: a.pinned.epoch,
+            keys: a.pinned.keys.iter().map(|k| Hex(k.to_bytes())).collect(),
+        });
+        s.raise_floor(a.rotation.issued_at);
+        s.rotation_refused = None;
+        actions.push(event(
+            EventKind::KeysRotated {
+                epoch: a.pinned.epoch,
+                keys: a.pinned.keys.iter().map(key_id).collect(),
+            },
+            s,
+        ));
+    }
+    if let Some(reason) = refused {
+        let epoch = match &reason {
+            fleet_proto::trust::RotationRefusal::Stale { epoch, .. }
+            | fleet_proto::trust::RotationRefusal::MissingSignature { epoch, .. }
+            | fleet_proto::trust::RotationRefusal::NoProofOfPossession { epoch, .. }
+            | fleet_proto::trust::RotationRefusal::BadSignature { epoch, .. }
+            | fleet_proto::trust::RotationRefusal::BadKeySet { epoch, .. } => *epoch,
+            fleet_proto::trust::RotationRefusal::Malformed { .. } => u64::MAX,
+        };
+        if s.rotation_refused != Some(epoch) {
+            s.rotation_refused = Some(epoch);
+            actions.push(event(EventKind::RotationRefused { reason }, s));
+        }
     }
 }
 
@@ -1117,3 +1218,5 @@ fn start_current(s: &State, link: Option<Slot>, actions: &mut Vec<Action>) {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod trust_tests;
