@@ -99,6 +99,9 @@ pub struct Assignment {
     pub failure: Option<String>,
     /// Deployed after CONFIRM, when it came back online.
     pub catch_up: bool,
+    /// Quarantined by an operator during the rollout: never sent this release again.
+    #[serde(default)]
+    pub quarantined: bool,
     /// Latest health sample; not persisted (refilled by the next heartbeat).
     #[serde(skip)]
     pub latest: Option<Sample>,
@@ -127,6 +130,7 @@ impl Assignment {
             unreachable: false,
             failure: None,
             catch_up: false,
+            quarantined: false,
             latest: None,
         }
     }
@@ -569,6 +573,11 @@ impl Rollout {
         let Some(a) = self.devices.get_mut(id) else {
             return;
         };
+        // A device an operator quarantined keeps what it runs; only a return to its previous
+        // release may still be sent to it.
+        if a.quarantined && release == Some(self.digest) {
+            return;
+        }
         a.sequence += 1;
         out.push(Action::Desire {
             device: id.clone(),
@@ -735,6 +744,9 @@ impl Rollout {
             } => self.on_reported(device, *active, outcome.as_ref(), now, out),
             Event::Online { device, online } => self.on_online(device, *online, now, out),
             Event::Quarantined { device } => {
+                if let Some(a) = self.devices.get_mut(device) {
+                    a.quarantined = true;
+                }
                 if self
                     .devices
                     .get(device)

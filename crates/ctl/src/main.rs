@@ -119,7 +119,7 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
                 keys::describe(&pair.key)
             );
             println!(
-                "pin the public key in each agent's config: keys.release = [\"{}\"]",
+                "pin the public key in each agent's config: [trust] keys = [\"{}\"]",
                 hex::encode(pair.key.to_bytes())
             );
             Ok(Exit::Ok)
