@@ -3,7 +3,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod container;
 mod crash;
+mod data;
 mod fetch;
 mod library;
 mod link;
