@@ -1,6 +1,8 @@
 //! The crash matrix: kill -9 at every fault point, several runs each, then restart: the device
 //! must always end on a complete, verified version with a consistent journal, and no event may
-//! be lost. Needs `--features fault-points`.
+//! be lost. Needs `--features fault-points`. Every device has a data directory in its agent's
+//! `app.data_dirs`, which the new versions migrate (schema 1 → 2): a device that ends on 1.0.0
+//! must have its unmigrated data back.
 #![cfg(feature = "fault-points")]
 
 use std::collections::{BTreeMap, VecDeque};
@@ -36,7 +38,31 @@ fn matrix_release(dir: &Path, counter: u64, v: &Version) -> SignedRelease {
 
 /// Which points only the rollback path reaches.
 fn needs_bad_release(point: &str) -> bool {
-    point == "rollback-after-swap"
+    matches!(
+        point,
+        "rollback-after-swap" | "restore-midway" | "restore-done"
+    )
+}
+
+fn data_dir(dev: &Device) -> std::path::PathBuf {
+    dev.dir.path().join("data")
+}
+
+/// The agent snapshots the device's data directory; the app (which inherits the agent's
+/// environment) keeps its schema there.
+fn data_env(dev: &Device) -> [(&'static str, String); 2] {
+    let d = data_dir(dev).display().to_string();
+    [
+        ("FLEET_AGENT__APP__DATA_DIRS", d.clone()),
+        ("FLEET_DEMO_DATA_DIR", d),
+    ]
+}
+
+fn start_with_data(dev: &Device, extra: &[(&str, &str)]) -> Agent {
+    let env = data_env(dev);
+    let mut all: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    all.extend_from_slice(extra);
+    Agent::start(dev, &all)
 }
 
 /// Points reached several times per update: vary which hit kills.
@@ -54,6 +80,7 @@ fn one_run(fx: &Fixture, point: &str, run: u32) -> Result<(bool, String), String
     let dev = Device::new(&format!("crash-{run}"), fx.base.broker_port);
     copy_tree(&fx.base.root(), &dev.root());
     copy_tree(&fx.base.state_dir(), &dev.state_dir());
+    copy_tree(&data_dir(&fx.base), &data_dir(&dev));
     // Events of the base device are not this device's.
     let _ = std::fs::remove_dir_all(dev.state_dir().join("outbox"));
     let _ = std::fs::remove_file(dev.state_dir().join("counters"));
@@ -65,7 +92,7 @@ fn one_run(fx: &Fixture, point: &str, run: u32) -> Result<(bool, String), String
     };
     obs.publish_desired(&desired(&dev.id, 2, Some(release.clone()), 0));
     let spec = format!("{point}@{}", nth(point, run));
-    let mut agent = Agent::start(&dev, &[("FLEET_AGENT_FAULT", &spec)]);
+    let mut agent = start_with_data(&dev, &[("FLEET_AGENT_FAULT", &spec)]);
     // Either the agent dies at the point, or the update finishes without reaching it.
     let hit = wait_until("the fault or the end of the update", PATIENCE, || {
         if let Some(status) = agent.child.try_wait().unwrap() {
@@ -76,7 +103,7 @@ fn one_run(fx: &Fixture, point: &str, run: u32) -> Result<(bool, String), String
     let _restarted;
     if hit {
         wait_port_free(dev.app_port);
-        _restarted = Agent::start(&dev, &[]);
+        _restarted = start_with_data(&dev, &[]);
     }
     let state = match wait_until_opt(|| dev.idle_at(2)) {
         Some(s) => s,
@@ -163,6 +190,21 @@ fn check_consistent(
         .slot(active)
         .map(|c| c.installed.version.clone())
         .ok_or("active slot empty")?;
+    // The data matches the version: 1.0.0 on its own unmigrated data, 2.0.x on migrated data.
+    let data = data_dir(dev);
+    let schema =
+        std::fs::read_to_string(data.join("schema")).map_err(|e| format!("schema: {e}"))?;
+    let migrated = data.join("migrated-by").exists();
+    let want = if version == "1.0.0" {
+        ("1\n", false)
+    } else {
+        ("2\n", true)
+    };
+    if (schema.as_str(), migrated) != want {
+        return Err(format!(
+            "{version} runs on data at schema {schema:?} (migrated-by present: {migrated})"
+        ));
+    }
     if state.highest.as_ref().map(|h| h.counter) < Some(1) {
         return Err("highest counter went down".into());
     }
@@ -176,7 +218,7 @@ fn kill_at_every_fault_point_then_restart() {
     assert!(POINTS.len() >= 10);
     let base = Device::new("crash-base", broker());
     let obs = Observer::new(base.broker_port, &base.id);
-    let mut agent = Agent::start(&base, &[]);
+    let mut agent = start_with_data(&base, &[]);
     let v1 = version("1.0.0", &[]);
     let s1 = matrix_release(base.dir.path(), 1, &v1);
     obs.publish_desired(&desired(&base.id, 1, Some(s1), 0));
@@ -184,9 +226,13 @@ fn kill_at_every_fault_point_then_restart() {
     base.wait_serving("1.0.0");
     agent.kill();
     wait_port_free(base.app_port);
-    let mut v2 = version("2.0.0", &[]);
+    assert_eq!(
+        std::fs::read_to_string(data_dir(&base).join("schema")).unwrap(),
+        "1\n"
+    );
+    let mut v2 = version("2.0.0", &["--migrate"]);
     v2.hook = Some("#!/bin/sh\necho ok > hook-ran\n".into());
-    let v2bad = version("2.0.1", &["--report-version", "0.0.0"]);
+    let v2bad = version("2.0.1", &["--migrate", "--report-version", "0.0.0"]);
     let fx = Arc::new(Fixture {
         good: matrix_release(base.dir.path(), 2, &v2),
         bad: matrix_release(base.dir.path(), 3, &v2bad),
