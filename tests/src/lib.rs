@@ -20,6 +20,8 @@
 //!   restartable on the same port and persistence directory.
 //! - [`mqtt`]: a small blocking MQTT client for tests that act as a device, an operator or an
 //!   eavesdropper.
+//! - [`tls`]: certificates made with `deploy/mosquitto/gen-certs.sh` and embedded-broker
+//!   accounts made with `fleet-coordinator credential`.
 //! - [`testbed`]: systemd devices booted with `unshare` + `chroot` on an overlay of a cached
 //!   debootstrap root, each with its own PID 1, disk, hostname and network namespace on a lab bridge.
 
@@ -31,6 +33,7 @@ pub mod mqtt;
 pub mod prereq;
 pub mod process;
 pub mod testbed;
+pub mod tls;
 
 pub use agent::{Agent, AppHealth, DeviceSpec, MqttEndpoint};
 pub use artifact::DemoArtifact;
@@ -42,3 +45,4 @@ pub use process::{
     Child, Pattern, TestDir, binary, free_port, visible, wait_for, wait_until, workspace_root,
 };
 pub use testbed::{Device, Exec, Lab};
+pub use tls::{Certs, Credential, write_credentials};
