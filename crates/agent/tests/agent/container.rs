@@ -200,6 +200,15 @@ impl Drop for Engine {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.wait();
+        // The daemon leaves its network namespace mounted under the exec root: without this
+        // the temp dir cannot be removed.
+        let netns = self.dir.path().join("exec/netns/default");
+        if let Ok(c) = std::ffi::CString::new(netns.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2(2) with a valid NUL-terminated path.
+            unsafe {
+                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+            }
+        }
         if std::thread::panicking() {
             let log =
                 std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default();
