@@ -131,7 +131,20 @@ pub enum InstallError {
 /// absolute paths, `..`, and links whose target leaves the slot.
 pub fn unpack(archive: &Path, dest: &Path) -> Result<(), InstallError> {
     let file = fs::File::open(archive)?;
-    let mut tar = tar::Archive::new(flate2::read::GzDecoder::new(io::BufReader::new(file)));
+    unpack_tar(flate2::read::GzDecoder::new(io::BufReader::new(file)), dest)
+}
+
+/// Unpacks an (uncompressed) tar stream into `dest`: what [`unpack`] does after gunzip. Public
+/// for the fuzz target (`fuzz/fuzz_targets/unpack_tar.rs`).
+///
+/// Design: nothing here ever follows a link the archive made. An entry whose parent path goes
+/// through a link is refused *before* any directory is created for it, a hard link's source
+/// must not go through one either, and once every entry is written each symbolic link is
+/// resolved the way the kernel would (following the archive's own links) and must stay inside
+/// `dest`: links checked one at a time can still combine into an escape (`z -> .`,
+/// `y -> z/..`). The caller wipes the slot when this fails.
+pub fn unpack_tar(stream: impl Read, dest: &Path) -> Result<(), InstallError> {
+    let mut tar = tar::Archive::new(stream);
     let mut count = 0u32;
     for entry in tar.entries()? {
         let mut entry = entry?;
@@ -146,10 +159,8 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<(), InstallError> {
         }
         let target = dest.join(&rel);
         let kind = entry.header().entry_type();
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent)?;
-        }
-        // A path through a symlink written earlier could lead outside: refuse it.
+        // A path through a symlink written earlier could lead outside: refuse it, before
+        // creating the directories it names (they would be created wherever the link leads).
         if let Some(parent) = rel.parent()
             && through_symlink(dest, parent)
         {
@@ -157,6 +168,9 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<(), InstallError> {
                 entry: shown,
                 why: "a parent directory is a link",
             });
+        }
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent)?;
         }
         // A later entry replaces an earlier link instead of writing through it.
         if fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink()) {
@@ -191,6 +205,14 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<(), InstallError> {
                     entry: shown.clone(),
                     why: "hard link points outside the slot",
                 })?;
+                // Its source must not go through a link either: that would link a file from
+                // outside the slot into it.
+                if through_symlink(dest, &inside) {
+                    return Err(InstallError::Escapes {
+                        entry: shown,
+                        why: "hard link source goes through a link",
+                    });
+                }
                 fs::hard_link(dest.join(inside), &target)?;
             }
             tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
@@ -201,7 +223,75 @@ pub fn unpack(archive: &Path, dest: &Path) -> Result<(), InstallError> {
             fault::point("install-midway");
         }
     }
+    links_stay_inside(dest, Path::new(""))
+}
+
+/// Every symbolic link under `dest/rel`, resolved, stays inside `dest`.
+fn links_stay_inside(dest: &Path, rel: &Path) -> Result<(), InstallError> {
+    for entry in fs::read_dir(dest.join(rel))? {
+        let entry = entry?;
+        let rel = rel.join(entry.file_name());
+        let kind = entry.file_type()?;
+        if kind.is_symlink() {
+            if !resolves_inside(dest, &rel) {
+                return Err(InstallError::Escapes {
+                    entry: rel.display().to_string(),
+                    why: "the link, followed through the archive's other links, leads outside the slot",
+                });
+            }
+        } else if kind.is_dir() {
+            links_stay_inside(dest, &rel)?;
+        }
+    }
     Ok(())
+}
+
+/// Resolves `rel` (a path inside `dest`) as the kernel would, following links found under
+/// `dest`; false if it ever goes above `dest`, is absolute, or loops.
+fn resolves_inside(dest: &Path, rel: &Path) -> bool {
+    let mut todo: std::collections::VecDeque<std::ffi::OsString> =
+        std::collections::VecDeque::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(n) => todo.push_back(n.to_owned()),
+            _ => return false,
+        }
+    }
+    let mut at = PathBuf::new();
+    let mut hops = 0;
+    while let Some(next) = todo.pop_front() {
+        if next == ".." {
+            if !at.pop() {
+                return false;
+            }
+            continue;
+        }
+        if next == "." {
+            continue;
+        }
+        at.push(&next);
+        let Ok(target) = fs::read_link(dest.join(&at)) else {
+            continue;
+        };
+        hops += 1;
+        if hops > 40 || target.is_absolute() {
+            return false;
+        }
+        at.pop();
+        let mut front: Vec<std::ffi::OsString> = Vec::new();
+        for c in target.components() {
+            match c {
+                Component::Normal(n) => front.push(n.to_owned()),
+                Component::ParentDir => front.push("..".into()),
+                Component::CurDir => {}
+                Component::RootDir | Component::Prefix(_) => return false,
+            }
+        }
+        for c in front.into_iter().rev() {
+            todo.push_front(c);
+        }
+    }
+    true
 }
 
 /// `path` normalised to a relative path without `..`, or `None` if it would leave its base.
@@ -374,6 +464,72 @@ mod tests {
             assert!(matches!(err, InstallError::Escapes { .. }), "{name}: {err}");
         }
         assert!(!dir.path().join("evil").exists());
+    }
+
+    #[test]
+    fn links_that_combine_into_an_escape_are_refused_and_nothing_is_made_outside() {
+        let dir = tempfile::tempdir().unwrap();
+        // Each link alone stays inside; together y = z/.. = the slot's parent.
+        let chained = archive(dir.path(), |b| {
+            link(b, "z", ".");
+            link(b, "y", "z/..");
+        });
+        let dest = dir.path().join("slot");
+        fs::create_dir(&dest).unwrap();
+        let err = unpack(&chained, &dest).unwrap_err();
+        assert!(matches!(err, InstallError::Escapes { .. }), "{err}");
+        // Order reversed: the escape only exists once both are there.
+        let reversed = archive(dir.path(), |b| {
+            link(b, "y", "z/..");
+            link(b, "z", ".");
+        });
+        let dest = dir.path().join("slot-r");
+        fs::create_dir(&dest).unwrap();
+        assert!(unpack(&reversed, &dest).is_err());
+        // Writing (or making directories) through the chain: refused before anything is made.
+        let through = archive(dir.path(), |b| {
+            link(b, "z", ".");
+            link(b, "y", "z/..");
+            file(b, "y/made-outside/evil", b"x");
+        });
+        let dest = dir.path().join("slot-t");
+        fs::create_dir(&dest).unwrap();
+        assert!(unpack(&through, &dest).is_err());
+        assert!(!dir.path().join("made-outside").exists());
+        // A hard link whose source goes through a link to outside the slot.
+        fs::write(dir.path().join("secret"), b"outside").unwrap();
+        let hard = archive(dir.path(), |b| {
+            link(b, "z", ".");
+            link(b, "up", "z/..");
+            let mut h = tar::Header::new_gnu();
+            h.set_size(0);
+            h.set_entry_type(tar::EntryType::Link);
+            h.as_old_mut().name[..4].copy_from_slice(b"copy");
+            h.as_old_mut().linkname[..9].copy_from_slice(b"up/secret");
+            h.set_cksum();
+            b.append(&h, &[][..]).unwrap();
+        });
+        let dest = dir.path().join("slot-h");
+        fs::create_dir(&dest).unwrap();
+        let err = unpack(&hard, &dest).unwrap_err();
+        assert!(err.to_string().contains("hard link"), "{err}");
+        assert!(!dest.join("copy").exists());
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::nlink(
+                &fs::metadata(dir.path().join("secret")).unwrap()
+            ),
+            1
+        );
+        // Links that really stay inside still work, through other links too.
+        let fine = archive(dir.path(), |b| {
+            file(b, "lib/real.so", b"elf");
+            link(b, "lib64", "lib");
+            link(b, "bin/lib", "../lib64/real.so");
+        });
+        let dest = dir.path().join("slot-ok");
+        fs::create_dir(&dest).unwrap();
+        unpack(&fine, &dest).unwrap();
+        assert_eq!(fs::read(dest.join("bin/lib")).unwrap(), b"elf");
     }
 
     #[test]

@@ -21,7 +21,7 @@
 //! - [`broker`]: the embedded rumqttd (behind the guard when secured; its auth hook admits only
 //!   the guard and the coordinator) or an external broker, and the coordinator's MQTT link.
 //! - [`guard`]: TLS termination, login and the per-client topic ACL in front of the embedded
-//!   rumqttd.
+//!   rumqttd; [`mqtt_wire`]: the MQTT packets it reads (pure, fuzzed).
 //! - [`tls`]: TLS client settings for every MQTT client (pinned CA, optional client cert).
 //! - [`driver`]: receive → event → step → commit → publish.
 //! - [`http`]: `/metrics`, `/api/v1/…`, `/artifacts/{sha256}`.
@@ -40,6 +40,7 @@ pub mod guard;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod mqtt_wire;
 pub mod operators;
 pub mod registry;
 pub mod report;
