@@ -4,40 +4,50 @@
 #![no_main]
 
 use std::fs;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 
 use libfuzzer_sys::fuzz_target;
 
+thread_local! {
+    /// One scratch root per fuzzing process: a fresh slot per input, the same sentinel beside it.
+    static ROOT: tempfile::TempDir = {
+        let root = tempfile::tempdir().expect("a temporary directory");
+        fs::write(root.path().join("sentinel"), b"outside").expect("the sentinel");
+        root
+    };
+}
+
 fuzz_target!(|tar: &[u8]| {
-    let root = tempfile::tempdir().expect("a temporary directory");
-    let slot = root.path().join("slot");
-    fs::create_dir(&slot).expect("the slot");
-    fs::write(root.path().join("sentinel"), b"outside").expect("the sentinel");
-    let result = fleet_agent::slots::unpack_tar(tar, &slot);
-    // Nothing appears beside the slot, whatever the archive said.
-    let mut beside: Vec<String> = fs::read_dir(root.path())
-        .expect("the root")
-        .map(|e| {
-            e.expect("an entry")
-                .file_name()
-                .to_string_lossy()
-                .into_owned()
-        })
-        .collect();
-    beside.sort();
-    assert_eq!(
-        beside,
-        ["sentinel", "slot"],
-        "something was made outside the slot"
-    );
-    assert_eq!(
-        fs::read(root.path().join("sentinel")).expect("the sentinel"),
-        b"outside"
-    );
-    // An unpack that succeeded leaves no link leading out, even through other links.
-    if result.is_ok() {
-        check_links(&slot, &slot, Path::new(""));
-    }
+    ROOT.with(|root| {
+        let slot = root.path().join("slot");
+        let _ = fs::remove_dir_all(&slot);
+        fs::create_dir(&slot).expect("the slot");
+        let result = fleet_agent::slots::unpack_tar(tar, &slot);
+        // Nothing appears beside the slot, whatever the archive said.
+        let mut beside: Vec<String> = fs::read_dir(root.path())
+            .expect("the root")
+            .map(|e| {
+                e.expect("an entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        beside.sort();
+        assert_eq!(
+            beside,
+            ["sentinel", "slot"],
+            "something was made outside the slot"
+        );
+        assert_eq!(
+            fs::read(root.path().join("sentinel")).expect("the sentinel"),
+            b"outside"
+        );
+        // An unpack that succeeded leaves no link leading out, even through other links.
+        if result.is_ok() {
+            check_links(&slot, &slot, Path::new(""));
+        }
+    });
 });
 
 fn check_links(slot: &Path, dir: &Path, rel: &Path) {
@@ -83,6 +93,5 @@ fn lexically_inside(p: &Path) -> bool {
             return false;
         }
     }
-    let _ = PathBuf::new();
     true
 }

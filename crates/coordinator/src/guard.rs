@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use crate::auth::{self, CredentialsFile, Identity};
-use crate::mqtt_wire::{Connect, connack, publish_topic, subscribe_filters};
+use crate::mqtt_wire::{Connect, connack, publish_payload_len, publish_topic, subscribe_filters};
 
 /// Bound on the TLS handshake and on the CONNECT that must follow the connection.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -197,11 +197,22 @@ fn check(who: &Identity, packet: &[u8]) -> Result<(), String> {
         1 => Err("refused: a second CONNECT".into()),
         3 => {
             let topic = publish_topic(packet)?;
-            if auth::may_publish(who, &topic) {
-                Ok(())
-            } else {
-                Err(format!("refused publish on {topic} by {}", who.name))
+            if !auth::may_publish(who, &topic) {
+                return Err(format!("refused publish on {topic} by {}", who.name));
             }
+            // Each kind's frame cap, here at the edge too: an oversized report never reaches
+            // the broker's memory or the coordinator.
+            if let Ok(t) = topic.parse::<fleet_proto::Topic>() {
+                let (len, max) = (publish_payload_len(packet)?, t.kind().max_size());
+                if len > max {
+                    return Err(format!(
+                        "refused publish on {topic} by {}: {len} bytes is over the {max}-byte cap for a {}",
+                        who.name,
+                        t.kind()
+                    ));
+                }
+            }
+            Ok(())
         }
         8 => {
             for filter in subscribe_filters(packet)? {

@@ -51,6 +51,19 @@ pub fn publish_topic(packet: &[u8]) -> Result<String, String> {
     Cursor(body(packet)).string()
 }
 
+/// The size of a PUBLISH's payload: the body after the topic and, for QoS 1 and 2, the packet
+/// id.
+pub fn publish_payload_len(packet: &[u8]) -> Result<usize, String> {
+    let body = body(packet);
+    let mut c = Cursor(body);
+    c.bytes()?;
+    let qos = (packet.first().copied().unwrap_or(0) >> 1) & 0x03;
+    if qos > 0 {
+        c.u16()?;
+    }
+    Ok(c.0.len())
+}
+
 pub fn subscribe_filters(packet: &[u8]) -> Result<Vec<String>, String> {
     let mut c = Cursor(body(packet));
     c.u16()?;

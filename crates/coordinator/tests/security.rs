@@ -488,3 +488,45 @@ async fn a_client_that_never_finishes_its_handshake_blocks_nobody() {
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn an_oversized_report_is_refused_at_the_guard() {
+    let site = site().await;
+    let cam1 = site.secrets["cam-1"].clone();
+    let (c, mut el) = client(site.port, "cam-1", Some(("cam-1", &cam1)), Some(&ca()));
+    connack(&mut el).await.unwrap();
+    // A heartbeat may be 2 KiB: 64 KiB on the heartbeat topic closes the connection.
+    let cap = fleet_proto::Kind::Heartbeat.max_size();
+    c.publish(
+        "fleet/v1/devices/cam-1/heartbeat",
+        QoS::AtLeastOnce,
+        false,
+        vec![1u8; 32 * cap],
+    )
+    .await
+    .unwrap();
+    closed(&mut el).await;
+    // At the cap it passes the guard (and is then refused by the decoder as malformed).
+    let (c, mut el) = client(site.port, "cam-1", Some(("cam-1", &cam1)), Some(&ca()));
+    connack(&mut el).await.unwrap();
+    c.publish(
+        "fleet/v1/devices/cam-1/heartbeat",
+        QoS::AtLeastOnce,
+        false,
+        vec![1u8; cap],
+    )
+    .await
+    .unwrap();
+    let acked = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(acked, "a report at the cap must pass the guard");
+}

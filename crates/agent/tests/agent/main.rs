@@ -10,5 +10,6 @@ mod fetch;
 mod library;
 mod link;
 mod refusals;
+mod security;
 mod support;
 mod update;
