@@ -8,8 +8,8 @@ use crate::frame::{Kind, Message};
 use crate::hex::Sha256;
 use crate::ids::{DeviceId, RolloutId};
 use crate::release::{Arch, KeyId, Refusal, SignedRelease};
-use crate::trust::RotationRefusal;
 use crate::time::UnixMillis;
+use crate::trust::RotationRefusal;
 
 /// What a device is: reported by the agent from its config and the hardware, and used by the
 /// coordinator to plan waves and by the agent to admit releases.
@@ -238,10 +238,10 @@ pub enum Failure {
     Hook { detail: String },
     #[error("rollback failed, the previous version is not healthy: {detail}")]
     Rollback { detail: String },
-}
     /// Appended in issue 10: the data snapshot or the rollback image before the swap.
     #[error("cannot prepare the rollback (data snapshot, rollback image): {detail}")]
     Snapshot { detail: String },
+}
 
 /// `devices/{id}/events`: one step of an update, in order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
