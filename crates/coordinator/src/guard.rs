@@ -34,6 +34,21 @@ use crate::mqtt_wire::{Connect, connack, publish_payload_len, publish_topic, sub
 /// Bound on the TLS handshake and on the CONNECT that must follow the connection.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest CONNECT read from a client nobody has authenticated yet: a client id, a last
+/// will (an `Online` frame), a username and a password fit many times over.
+pub const MAX_CONNECT: usize = 16 * 1024;
+
+/// The largest packet an authenticated client may send: what its role may publish, plus room
+/// for the topic and the header. Anonymous clients (no credentials file) get `max_packet`.
+fn packet_limit(who: Option<&Identity>, anonymous: usize) -> usize {
+    use fleet_proto::Kind;
+    match who.map(|w| w.role) {
+        Some(auth::Role::Device) => Kind::State.max_size() + 1024,
+        Some(auth::Role::Operator) => Kind::Command.max_size() + 1024,
+        None => anonymous,
+    }
+}
+
 /// What the guard needs.
 #[derive(Clone)]
 pub struct Settings {
@@ -101,12 +116,9 @@ async fn connection(stream: TcpStream, settings: &Settings) -> Result<(), String
         }
         None => Box::new(stream),
     };
-    let first = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        read_packet(&mut client, settings.max_packet),
-    )
-    .await
-    .map_err(|_| "no CONNECT in time".to_owned())??;
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_packet(&mut client, MAX_CONNECT))
+        .await
+        .map_err(|_| "no CONNECT in time".to_owned())??;
     let connect = match Connect::parse(&first) {
         Ok(c) => c,
         Err(why) => {
@@ -158,6 +170,7 @@ async fn connection(stream: TcpStream, settings: &Settings) -> Result<(), String
         .write_all(&connect.with_password(&settings.secret))
         .await
         .map_err(|e| e.to_string())?;
+    let limit = packet_limit(who.as_ref(), settings.max_packet);
     let (mut up_read, mut up_write) = upstream.into_split();
     let (mut cl_read, mut cl_write) = tokio::io::split(client);
     let down = async {
@@ -166,7 +179,7 @@ async fn connection(stream: TcpStream, settings: &Settings) -> Result<(), String
     };
     let up = async {
         loop {
-            let packet = read_packet(&mut cl_read, settings.max_packet).await?;
+            let packet = read_packet(&mut cl_read, limit).await?;
             if let Some(who) = &who {
                 check(who, &packet)?;
             }
@@ -249,11 +262,16 @@ pub async fn read_packet<R: AsyncRead + Unpin + ?Sized>(
             "refused: a {len}-byte packet is over the {max}-byte limit"
         ));
     }
-    let start = packet.len();
-    packet.resize(start + len, 0);
-    r.read_exact(&mut packet[start..])
+    // Read as it arrives, not allocated up front: a peer that announces a large packet and
+    // sends nothing holds no memory for it.
+    let got = r
+        .take(len as u64)
+        .read_to_end(&mut packet)
         .await
         .map_err(|e| e.to_string())?;
+    if got != len {
+        return Err(format!("the packet ends early ({got} of {len} bytes)"));
+    }
     Ok(packet)
 }
 
