@@ -144,7 +144,20 @@ impl Engine {
         std::fs::create_dir_all(root.join("bin")).unwrap();
         std::fs::create_dir_all(root.join("tmp")).unwrap();
         std::fs::copy(&app, root.join("bin/app")).unwrap();
-        let ldd = Command::new("ldd").arg(&app).output().expect("run ldd");
+        // The app's own dynamic loader lists what it loads. `ldd` asks the host's loader,
+        // which cannot read an aarch64 build run under qemu-user (.ci/cross).
+        let (lister, flag) = if cfg!(target_arch = "aarch64") {
+            ("/lib/ld-linux-aarch64.so.1", Some("--list"))
+        } else if cfg!(target_arch = "x86_64") {
+            ("/lib64/ld-linux-x86-64.so.2", Some("--list"))
+        } else {
+            ("ldd", None)
+        };
+        let ldd = Command::new(lister)
+            .args(flag)
+            .arg(&app)
+            .output()
+            .expect("list the app's shared libraries");
         for line in String::from_utf8_lossy(&ldd.stdout).lines() {
             let Some(lib) = line.split_whitespace().find(|w| w.starts_with('/')) else {
                 continue;
