@@ -1241,7 +1241,7 @@ impl Rollout {
                     self.transition(phase, RolloutStatus::AwaitingApproval, &last, out);
                     return;
                 }
-                let ext = gate::extension(w.soak);
+                let ext = gate::extension(w.soak, self.settings.report_interval);
                 let w = &mut self.waves[i];
                 w.extensions += 1;
                 w.verdict = Some(Verdict::Inconclusive);

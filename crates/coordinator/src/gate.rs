@@ -402,9 +402,12 @@ pub enum GateVerdict {
     Inconclusive,
 }
 
-/// How long one soak extension lasts: half the soak, at least a second.
-pub fn extension(soak: Duration) -> Duration {
-    (soak / 2).max(Duration::from_secs(1))
+/// How long an inconclusive gate waits for more evidence: half a soak, but at least two report
+/// intervals, or a soak shorter than the heartbeat would be extended past without a sample.
+pub fn extension(soak: Duration, report_interval: Duration) -> Duration {
+    (soak / 2)
+        .max(report_interval * 2)
+        .max(Duration::from_secs(1))
 }
 
 #[cfg(test)]
@@ -527,5 +530,20 @@ mod tests {
             breach(&agg(&[0.07; 5]), 1, 0, 0, &base(), &t, &s).map(|b| b.trigger),
             None
         );
+    }
+
+    #[test]
+    fn an_extension_outlasts_two_report_intervals() {
+        let second = Duration::from_secs(1);
+        assert_eq!(
+            extension(Duration::from_secs(600), 10 * second),
+            300 * second
+        );
+        assert_eq!(
+            extension(second, 10 * second),
+            20 * second,
+            "a soak shorter than a heartbeat"
+        );
+        assert_eq!(extension(Duration::ZERO, Duration::ZERO), second);
     }
 }
