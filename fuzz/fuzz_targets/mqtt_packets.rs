@@ -11,10 +11,11 @@
 mod mqtt_wire;
 
 use libfuzzer_sys::fuzz_target;
-use mqtt_wire::{Connect, publish_topic, subscribe_filters};
+use mqtt_wire::{Connect, publish_payload_len, publish_topic, subscribe_filters};
 
 fuzz_target!(|packet: &[u8]| {
     let _ = publish_topic(packet);
+    let _ = publish_payload_len(packet);
     let _ = subscribe_filters(packet);
     if let Ok(c) = Connect::parse(packet) {
         let again = Connect::parse(&c.with_password("secret")).expect("a rewritten CONNECT parses");
