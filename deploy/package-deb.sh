@@ -130,11 +130,22 @@ agent_config() {
     }
 }
 
+maintainer="${DEBFULLNAME:-fleet maintainers} <${DEBEMAIL:-fleet@fleet-rollouts.invalid}>"
+
+# A one-entry Debian changelog naming the commit the package was built from.
+changelog() {
+    local commit
+    commit=$(git describe --always --dirty 2>/dev/null || echo unknown)
+    printf '%s (%s) unstable; urgency=medium\n\n  * Built from fleet %s by deploy/package-deb.sh.\n\n -- %s  %s\n' \
+        "$1" "$version" "$commit" "$maintainer" "$(date -R)"
+}
+
 build() {
     local pkg=$1 dir=$scratch/$1
     local description depends extra_depends=
     install -d "$dir/DEBIAN" "$dir/usr/share/doc/$pkg"
     install -m 0644 deploy/debian/copyright "$dir/usr/share/doc/$pkg/copyright"
+    changelog "$pkg" | gzip -9n >"$dir/usr/share/doc/$pkg/changelog.Debian.gz"
     case $pkg in
     fleet-agent)
         add_binary fleet-agent "$dir/usr/bin/fleet-agent"
@@ -195,7 +206,7 @@ build() {
 Package: $pkg
 Version: $version
 Architecture: $arch
-Maintainer: ${DEBFULLNAME:-fleet maintainers} <${DEBEMAIL:-fleet@fleet-rollouts.invalid}>
+Maintainer: $maintainer
 Installed-Size: $size
 Depends: $depends
 Section: admin
