@@ -463,9 +463,20 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_example_loads() {
+    fn the_shipped_example_loads_once_a_release_key_is_pinned() {
         let dir = tempfile::tempdir().unwrap();
+        // As shipped it names no key: an agent started from it must not run trusting nothing
+        // (or, worse, a published test key).
         let path = write(dir.path(), DEFAULT_CONFIG);
+        let err = load(&path, []).unwrap_err().to_string();
+        assert!(
+            err.contains("REPLACE-WITH-THE-CONTENT-OF-release.pub"),
+            "{err}"
+        );
+        let path = write(
+            dir.path(),
+            &DEFAULT_CONFIG.replace("REPLACE-WITH-THE-CONTENT-OF-release.pub", KEY),
+        );
         let c = load(&path, []).unwrap();
         assert_eq!(c.device.id.as_str(), "cam-001");
         assert_eq!(c.reports.heartbeat_interval, Duration::from_secs(10));
