@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{Instrument as _, debug, error, info, warn};
 
-use crate::config::{Config, RuntimeKind};
+use crate::config::{Config, RuntimeKind, SwitchKind};
 use crate::fault;
 use crate::health::{self, SystemProbe, with_port};
 use crate::journal::{Journal, JournalError, Loaded};
@@ -27,6 +27,7 @@ use crate::outbox::Outbox;
 use crate::runtime::{self, AnyRuntime, AppSpec, ContainerSpec, Runtime as _};
 use crate::slots::{self, Layout};
 use crate::snapshot;
+use crate::traffic;
 use crate::trial::{HealthAnswer, Sample};
 
 /// Why the agent stopped. Each maps to an exit code in the binary (`Exit`).
@@ -74,6 +75,9 @@ pub async fn run_with(
         driver.boot().await?;
         let result = driver.main_loop(shutdown).await;
         driver.runtime.stop().await;
+        if let Some((_, mut second)) = driver.standby.take() {
+            second.stop().await;
+        }
         if let Some(n) = &driver.notifier {
             n.send("STOPPING=1");
         }
@@ -128,6 +132,22 @@ struct Driver {
     /// True while the journal is resolved at start: an app already running the journal's
     /// active release may then be adopted instead of restarted (`Runtime::adopt`).
     booting: bool,
+    /// Blue-green: the second instance (the new version beside the running one) and its slot.
+    standby: Option<(Slot, runtime::Process)>,
+    /// Blue-green with `blue_green.switch = "forwarder"`: the service port's forwarder.
+    forwarder: Option<traffic::Forwarder>,
+    /// When the latest trial sample was taken (wall clock and monotonic): a switch back
+    /// logs how long after the failed check the traffic was on the old version again.
+    last_sample: Option<(UnixMillis, Instant)>,
+}
+
+/// Which instance a sample looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Instance {
+    /// The app (`self.runtime`), running the release the `active` link points to.
+    Primary,
+    /// Blue-green's second instance (`Driver::standby`).
+    Second,
 }
 
 impl std::fmt::Debug for Driver {
@@ -186,6 +206,16 @@ impl Driver {
                 .iter()
                 .map(|d| d.display().to_string())
                 .collect(),
+            blue_green_refusal: match (cfg.app.runtime, cfg.blue_green.switch) {
+                (RuntimeKind::Process, SwitchKind::Off) => Some(
+                    "blue-green needs a traffic switch on this device: set blue_green.switch to \"forwarder\" or \"command\" in the agent's config".into(),
+                ),
+                (RuntimeKind::Process, _) => None,
+                (other, _) => Some(format!(
+                    "blue-green needs the process runtime on this device (app.runtime is \"{}\"); ship this release as canary-rolling",
+                    other.as_str()
+                )),
+            },
         };
         let runtime = match cfg.app.runtime {
             RuntimeKind::Process => {
@@ -266,6 +296,9 @@ impl Driver {
             decode_errors: 0,
             notifier: options.notifier,
             booting: false,
+            standby: None,
+            forwarder: None,
+            last_sample: None,
         })
     }
 
@@ -302,6 +335,14 @@ impl Driver {
             .layout
             .read_link()
             .map_err(io("cannot read the active link"))?;
+        if self.cfg.blue_green.switch == SwitchKind::Forwarder {
+            let addr = std::net::SocketAddr::new(self.cfg.blue_green.bind, self.cfg.app.port);
+            let f = traffic::Forwarder::bind(addr).await.map_err(io(format!(
+                "cannot listen on the service port {addr} (blue_green.switch = \"forwarder\", app.port); free the port or change app.port"
+            )))?;
+            info!(%addr, "forwarding the service port to the app");
+            self.forwarder = Some(f);
+        }
         info!(phase = ?self.state.phase.wire(), ?link, "resolving the journal");
         self.booting = true;
         let resolved = self.apply(Input::Boot { link }).await;
@@ -324,7 +365,10 @@ impl Driver {
         loop {
             let probing = matches!(
                 self.state.phase,
-                Phase::Trial { .. } | Phase::RollingBack { .. }
+                Phase::Trial { .. }
+                    | Phase::RollingBack { .. }
+                    | Phase::Warming { .. }
+                    | Phase::Proving { .. }
             );
             tokio::select! {
                 () = &mut shutdown => {
@@ -474,8 +518,134 @@ impl Driver {
                     self.next_heartbeat = sooner;
                 }
             }
+            Action::StartStandby { slot } => {
+                self.start_second(slot).await;
+                fault::point("bluegreen-warming");
+                self.next_probe = Instant::now() + self.probe_interval();
+            }
+            Action::StopStandby => {
+                if let Some((slot, mut second)) = self.standby.take() {
+                    info!(slot = %slot, "stopping the new version's instance");
+                    second.stop().await;
+                }
+            }
+            Action::SwitchTraffic { sequence, to } => {
+                if matches!(self.state.phase, Phase::SwitchingBack { .. }) {
+                    fault::point("bluegreen-before-switch-back");
+                }
+                let result = self.switch_traffic(to).await;
+                match (&result, &self.state.phase, self.last_sample) {
+                    (Ok(()), Phase::SwitchingBack { .. }, Some((at, taken))) => warn!(
+                        slot = %to,
+                        port = self.instance_port(to),
+                        failed_check_at = at.0,
+                        after_us = taken.elapsed().as_micros() as u64,
+                        "traffic switched back to the previous version"
+                    ),
+                    (Ok(()), ..) => {
+                        info!(slot = %to, port = self.instance_port(to), "traffic switched")
+                    }
+                    (Err(e), ..) => warn!(slot = %to, "traffic switch failed: {e}"),
+                }
+                if matches!(self.state.phase, Phase::Switching { .. }) {
+                    fault::point("bluegreen-switched");
+                }
+                queue.push_back(Input::Switched { sequence, result });
+            }
+            Action::Promote { slot } => self.promote(slot).await,
         }
         Ok(())
+    }
+
+    /// The port the app running from `slot` listens on: its slot's port when blue-green
+    /// switching is configured, else `app.port`.
+    fn instance_port(&self, slot: Slot) -> u16 {
+        match self.cfg.blue_green.switch {
+            SwitchKind::Off => self.cfg.app.port,
+            SwitchKind::Forwarder | SwitchKind::Command => self.cfg.blue_green.port(slot),
+        }
+    }
+
+    /// Sends new connections to the instance of `to`.
+    async fn switch_traffic(&mut self, to: Slot) -> Result<(), String> {
+        let port = self.instance_port(to);
+        match self.cfg.blue_green.switch {
+            SwitchKind::Off => Err(
+                "no traffic switch is configured on this device (blue_green.switch = \"off\")"
+                    .into(),
+            ),
+            SwitchKind::Forwarder => match &self.forwarder {
+                Some(f) => {
+                    f.set_target(port);
+                    Ok(())
+                }
+                None => Err("the forwarder is not listening".into()),
+            },
+            SwitchKind::Command => {
+                let bg = &self.cfg.blue_green;
+                traffic::run_command(&bg.command, bg.command_timeout, to, port, self.cfg.app.port)
+                    .await
+            }
+        }
+    }
+
+    /// Blue-green: starts `slot`'s release as a second instance, from its slot directory on
+    /// its own port, beside the app.
+    async fn start_second(&mut self, slot: Slot) {
+        if let Some((_, mut old)) = self.standby.take() {
+            old.stop().await;
+        }
+        let Some(mut spec) = self.app_spec(slot, false) else {
+            error!(slot = %slot, "asked to start an empty slot beside the app");
+            return;
+        };
+        // Design: not through the `active` link, which stays on the version that serves
+        // until the traffic moves.
+        let dir = self.layout.slot_dir(slot);
+        if let Some(release) = self.state.slot(slot).map(|c| &c.release) {
+            spec.program = dir.join(&release.run.entrypoint);
+        }
+        spec.dir = dir;
+        let mut second = runtime::Process::new(self.process_options());
+        info!(slot = %slot, port = self.instance_port(slot), "starting the new version beside the app");
+        if let Err(e) = second.start(spec).await {
+            warn!(slot = %slot, "{e}");
+        }
+        self.standby = Some((slot, second));
+    }
+
+    /// Blue-green commit: the old instance stops once the forwarder's connections to it have
+    /// finished; the second instance becomes the app.
+    async fn promote(&mut self, slot: Slot) {
+        let Some((second_slot, second)) = self.standby.take() else {
+            warn!(slot = %slot, "commit without a second instance; starting the app");
+            self.start_app(slot, false).await;
+            return;
+        };
+        if second_slot != slot {
+            warn!(slot = %slot, "the second instance runs {second_slot}, not {slot}");
+        }
+        let old_port = self.instance_port(slot.other());
+        if let Some(f) = &self.forwarder {
+            let open = f.drain(old_port, self.cfg.blue_green.drain_timeout).await;
+            if open > 0 {
+                warn!(open, "stopping the old version with connections still open");
+            }
+        }
+        fault::point("bluegreen-promote");
+        self.runtime.stop().await;
+        self.runtime = AnyRuntime::Process(second);
+        info!(slot = %slot, "the old version stopped; the new one is the app");
+    }
+
+    fn process_options(&self) -> runtime::ProcessOptions {
+        runtime::ProcessOptions {
+            stop_grace: self.cfg.app.stop_grace,
+            backoff_min: self.cfg.app.restart_backoff_min,
+            backoff_max: self.cfg.app.restart_backoff_max,
+            backoff_reset: self.cfg.app.restart_reset,
+            log_file: self.cfg.app.log_file.clone(),
+        }
     }
 
     fn disk_free(&self) -> u64 {
@@ -484,12 +654,12 @@ impl Driver {
             .unwrap_or(0)
     }
 
-    fn app_env(&self, release: &fleet_proto::Release) -> Vec<(String, String)> {
+    fn app_env(&self, release: &fleet_proto::Release, port: u16) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = release
             .run
             .env
             .iter()
-            .map(|(k, v)| (k.clone(), with_port(v, self.cfg.app.port)))
+            .map(|(k, v)| (k.clone(), with_port(v, port)))
             .collect();
         env.push(("FLEET_DEVICE_ID".into(), self.ctx.device.to_string()));
         env.push((
@@ -497,7 +667,7 @@ impl Driver {
             self.cfg.device.device_type.clone(),
         ));
         env.push(("FLEET_DEVICE_REGION".into(), self.cfg.device.region.clone()));
-        env.push(("FLEET_APP_PORT".into(), self.cfg.app.port.to_string()));
+        env.push(("FLEET_APP_PORT".into(), port.to_string()));
         env
     }
 
@@ -506,13 +676,14 @@ impl Driver {
     fn app_spec(&self, slot: Slot, rollback: bool) -> Option<AppSpec> {
         let release = &self.state.slot(slot)?.release;
         let active = self.layout.active();
+        let port = self.instance_port(slot);
         let args: Vec<String> = release
             .run
             .args
             .iter()
-            .map(|a| with_port(a, self.cfg.app.port))
+            .map(|a| with_port(a, port))
             .collect();
-        let env = self.app_env(release);
+        let env = self.app_env(release, port);
         let container = release.container.as_ref().map(|c| ContainerSpec {
             name: c.name.clone(),
             image: std::fs::read_to_string(self.layout.slot_dir(slot).join(IMAGE_ID_FILE))
@@ -609,6 +780,13 @@ impl Driver {
         if let Err(e) = self.runtime.start(spec).await {
             warn!(slot = %slot, version = %release.version, "{e}");
         }
+        // Design: outside a blue-green switch the service serves whatever the app is: starting
+        // it (at boot, in an ordinary trial, in a rollback) points the traffic at it.
+        if self.cfg.blue_green.switch != SwitchKind::Off
+            && let Err(e) = self.switch_traffic(slot).await
+        {
+            warn!(slot = %slot, "cannot point the traffic at the app: {e}");
+        }
     }
 
     fn probe_interval(&self) -> Duration {
@@ -656,7 +834,7 @@ impl Driver {
         let layout = self.layout.clone();
         let tx = self.work_tx.clone();
         let timeout = self.cfg.trial.hook_timeout;
-        let env = self.app_env(&job.release);
+        let env = self.app_env(&job.release, self.instance_port(slot));
         let engine = match self.cfg.app.runtime {
             RuntimeKind::Container => {
                 crate::docker::socket_path(&self.cfg.app.docker_host).map(|s| {
@@ -833,7 +1011,9 @@ impl Driver {
     /// The release whose health the probes check now.
     fn probed_release(&self) -> Option<fleet_proto::Release> {
         match &self.state.phase {
-            Phase::Trial { job, .. } => Some(job.release.clone()),
+            Phase::Trial { job, .. } | Phase::Warming { job, .. } | Phase::Proving { job, .. } => {
+                Some(job.release.clone())
+            }
             Phase::RollingBack { to, .. } => to
                 .and_then(|t| self.state.slot(t))
                 .map(|c| c.release.clone()),
@@ -841,9 +1021,24 @@ impl Driver {
         }
     }
 
-    /// Samples the app. In a trial the release's own window and timeout apply; outside one
-    /// (heartbeats) the agent's `app.crash_loop_window` and `reports.health_timeout`.
-    async fn sample(&mut self, release: &fleet_proto::Release, on_trial: bool) -> Sample {
+    /// Which instance the probes check now: blue-green's second one while it warms up and
+    /// proves itself, else the app.
+    fn probed_instance(&self) -> Instance {
+        match self.state.phase {
+            Phase::Warming { .. } | Phase::Proving { .. } => Instance::Second,
+            _ => Instance::Primary,
+        }
+    }
+
+    /// Samples an instance. In a trial the release's own window and timeout apply; outside one
+    /// (heartbeats) the agent's `app.crash_loop_window` and `reports.health_timeout`. Only a
+    /// sample of the instance that has the traffic becomes the heartbeat's app health.
+    async fn sample(
+        &mut self,
+        release: &fleet_proto::Release,
+        on_trial: bool,
+        instance: Instance,
+    ) -> Sample {
         let (window, timeout) = if on_trial {
             (release.thresholds.crash_loop_window, release.health.timeout)
         } else {
@@ -852,11 +1047,38 @@ impl Driver {
                 self.cfg.reports.health_timeout,
             )
         };
-        let st = self.runtime.status(window).await;
+        let serving =
+            (instance == Instance::Second) == matches!(self.state.phase, Phase::Proving { .. });
+        let (st, port, dir) = match instance {
+            Instance::Primary => (
+                self.runtime.status(window).await,
+                self.state
+                    .link_target()
+                    .map(|s| self.instance_port(s))
+                    .unwrap_or(self.cfg.app.port),
+                self.layout.active(),
+            ),
+            Instance::Second => match &mut self.standby {
+                Some((slot, second)) => {
+                    let slot = *slot;
+                    let st = second.status(window).await;
+                    (st, self.instance_port(slot), self.layout.slot_dir(slot))
+                }
+                // Gone with a restart that the journal resolution has not replaced yet: as if
+                // it had not started.
+                None => (
+                    runtime::Status::default(),
+                    self.cfg.app.port,
+                    self.layout.active(),
+                ),
+            },
+        };
         let (health, error_rate, p95) = if st.running {
-            let endpoint = with_port(&release.health.endpoint, self.cfg.app.port);
+            let endpoint = with_port(&release.health.endpoint, port);
             let reading = health::probe_health(&endpoint, timeout).await;
-            self.app_requests = reading.requests_total.or(self.app_requests);
+            if serving {
+                self.app_requests = reading.requests_total.or(self.app_requests);
+            }
             (Some(reading.answer), reading.error_rate, reading.p95_ms)
         } else {
             (None, None, None)
@@ -869,17 +1091,22 @@ impl Driver {
             })
         );
         let probe = match (&release.probe, healthy) {
-            (Some(p), true) => Some(
-                health::functional_probe(
-                    p,
-                    &self.layout.active(),
-                    self.cfg.app.port,
-                    &self.app_env(release),
-                )
-                .await,
-            ),
+            (Some(p), true) => {
+                Some(health::functional_probe(p, &dir, port, &self.app_env(release, port)).await)
+            }
             _ => None,
         };
+        let sample = Sample {
+            running: st.running,
+            exits: st.exits,
+            last_exit_code: st.last_exit_code,
+            restarts_in_window: st.restarts_in_window,
+            health: health.clone(),
+            probe: probe.clone(),
+        };
+        if !serving {
+            return sample;
+        }
         self.last_app = AppHealth {
             status: match &health {
                 Some(HealthAnswer::Answered { status, .. }) => *status,
@@ -897,14 +1124,7 @@ impl Driver {
             probe_ok: probe.as_ref().map(|r| r.is_ok()),
             requests: None,
         };
-        Sample {
-            running: st.running,
-            exits: st.exits,
-            last_exit_code: st.last_exit_code,
-            restarts_in_window: st.restarts_in_window,
-            health,
-            probe,
-        }
+        sample
     }
 
     async fn probe_tick(&mut self) -> Result<(), Error> {
@@ -916,7 +1136,9 @@ impl Driver {
             // Rolling back to nothing: the machine finished it already.
             return Ok(());
         };
-        let sample = self.sample(&release, true).await;
+        let instance = self.probed_instance();
+        let sample = self.sample(&release, true, instance).await;
+        self.last_sample = Some((now(), Instant::now()));
         debug!(?sample, "probe");
         fault::point("trial-probing");
         self.apply(Input::Probe { sequence, sample }).await?;
@@ -929,12 +1151,18 @@ impl Driver {
         // Outside a trial, the heartbeat takes its own look at the app.
         let probing = matches!(
             self.state.phase,
-            Phase::Trial { .. } | Phase::RollingBack { .. }
+            Phase::Trial { .. } | Phase::RollingBack { .. } | Phase::Proving { .. }
         );
         if !probing {
-            match self.probed_release() {
+            // While blue-green's new version warms up, the app (the old version) is what
+            // serves: the heartbeat looks at it.
+            let release = match &self.state.phase {
+                Phase::Warming { .. } => self.state.running().map(|c| c.release.clone()),
+                _ => self.probed_release(),
+            };
+            match release {
                 Some(release) => {
-                    let _ = self.sample(&release, false).await;
+                    let _ = self.sample(&release, false, Instance::Primary).await;
                 }
                 None => self.last_app.status = AppStatus::NotInstalled,
             }
@@ -977,6 +1205,7 @@ fn input_name(input: &Input) -> &'static str {
         Input::Snapshotted { .. } => "Snapshotted",
         Input::Restored { .. } => "Restored",
         Input::Trust { .. } => "Trust",
+        Input::Switched { .. } => "Switched",
     }
 }
 

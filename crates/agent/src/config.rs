@@ -31,6 +31,9 @@ pub struct Config {
     pub trial: TrialConfig,
     #[serde(default)]
     pub reports: ReportsConfig,
+    /// Blue-green releases: how the traffic moves between two instances (issue 9).
+    #[serde(default)]
+    pub blue_green: BlueGreenConfig,
     /// `error`, `warn`, `info`, `debug` or `trace`; read by the binary only.
     #[serde(default = "default_log_level")]
     pub log_level: String,
@@ -275,6 +278,78 @@ impl Default for ReportsConfig {
     }
 }
 
+/// How a blue-green release's traffic moves from the old instance to the new one and back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SwitchKind {
+    /// No switch: blue-green releases are refused; the app listens on `app.port` itself.
+    Off,
+    /// The agent listens on `app.port` and forwards each new connection to the instance that
+    /// has the traffic (`blue_green.port_a` or `port_b`).
+    Forwarder,
+    /// The agent runs `blue_green.command` to point the service at an instance's port.
+    Command,
+}
+
+impl SwitchKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SwitchKind::Off => "off",
+            SwitchKind::Forwarder => "forwarder",
+            SwitchKind::Command => "command",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BlueGreenConfig {
+    /// `off`, `forwarder` or `command`. Not `off`: every release's app listens on its slot's
+    /// port (`port_a`, `port_b`) instead of `app.port`, which is the service's port.
+    pub switch: SwitchKind,
+    /// The port the instance running from `slot-a` (`slot-b`) listens on: its `FLEET_APP_PORT`
+    /// and `{port}`. Two blue-green instances never share a port.
+    pub port_a: u16,
+    pub port_b: u16,
+    /// The forwarder listens on `bind:app.port`.
+    pub bind: std::net::IpAddr,
+    /// The switch command and its arguments (`switch = "command"`); it runs with
+    /// `FLEET_TARGET_PORT`, `FLEET_TARGET_SLOT` (`a`/`b`) and `FLEET_SERVICE_PORT` (`app.port`)
+    /// in its environment and exits 0 once new connections reach the target.
+    pub command: Vec<String>,
+    /// A switch command still running after this long has failed (and is killed).
+    #[serde(deserialize_with = "duration")]
+    pub command_timeout: Duration,
+    /// At the commit, the old instance is stopped once the connections it is serving through
+    /// the forwarder have finished, or after this long.
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for BlueGreenConfig {
+    fn default() -> Self {
+        BlueGreenConfig {
+            switch: SwitchKind::Off,
+            port_a: 8081,
+            port_b: 8082,
+            bind: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            command: Vec::new(),
+            command_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl BlueGreenConfig {
+    /// The port of the instance that runs from `slot`.
+    pub fn port(&self, slot: fleet_proto::device::Slot) -> u16 {
+        match slot {
+            fleet_proto::device::Slot::A => self.port_a,
+            fleet_proto::device::Slot::B => self.port_b,
+        }
+    }
+}
+
 fn default_log_level() -> String {
     "info".into()
 }
@@ -344,6 +419,7 @@ pub fn load(
                 .with_list_parse_key("trust.keys")
                 .with_list_parse_key("device.tags")
                 .with_list_parse_key("app.data_dirs")
+                .with_list_parse_key("blue_green.command")
                 .try_parsing(true)
                 .source(Some(env)),
         )
@@ -384,6 +460,7 @@ impl Config {
             fetch: FetchConfig::default(),
             trial: TrialConfig::default(),
             reports: ReportsConfig::default(),
+            blue_green: BlueGreenConfig::default(),
             log_level: default_log_level(),
         }
     }
@@ -433,6 +510,29 @@ impl Config {
                 "app.data_dirs: {} must be an absolute directory path other than /",
                 d.display()
             ));
+        }
+        let bg = &self.blue_green;
+        if bg.switch != SwitchKind::Off {
+            if self.app.runtime != RuntimeKind::Process {
+                return Err(format!(
+                    "blue_green.switch = \"{}\" needs app.runtime = \"process\" (the agent runs both instances); this config has app.runtime = \"{}\": set blue_green.switch = \"off\"",
+                    bg.switch.as_str(),
+                    self.app.runtime.as_str()
+                ));
+            }
+            let ports = [bg.port_a, bg.port_b, self.app.port];
+            if ports.contains(&0) || bg.port_a == bg.port_b || ports[..2].contains(&self.app.port) {
+                return Err(format!(
+                    "blue_green.port_a ({}), blue_green.port_b ({}) and app.port ({}) must be three different ports other than 0",
+                    bg.port_a, bg.port_b, self.app.port
+                ));
+            }
+        }
+        if bg.switch == SwitchKind::Command && bg.command.is_empty() {
+            return Err(
+                "blue_green.command: set the switch command (program and arguments) for blue_green.switch = \"command\""
+                    .into(),
+            );
         }
         if crate::docker::socket_path(&self.app.docker_host).is_none() {
             return Err(format!(
@@ -543,6 +643,39 @@ mod tests {
         let c = load(&path, []).unwrap();
         assert_eq!(c.mqtt.ca.as_deref(), Some(Path::new("/ca.pem")));
         assert_eq!(c.mqtt.password_file.as_deref(), Some(Path::new("/s")));
+    }
+
+    #[test]
+    fn blue_green_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = [
+            (
+                "[app]\nruntime = \"systemd\"\n[blue_green]\nswitch = \"forwarder\"\n",
+                "blue_green.switch",
+            ),
+            (
+                "[blue_green]\nswitch = \"forwarder\"\nport_a = 8080\n",
+                "blue_green.port_a",
+            ),
+            ("[blue_green]\nswitch = \"command\"\n", "blue_green.command"),
+            ("[blue_green]\nswitch = \"sometimes\"\n", "switch"),
+        ];
+        for (extra, want) in bad {
+            let path = write(dir.path(), &(minimal() + extra));
+            let err = load(&path, []).unwrap_err().to_string();
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+        let path = write(
+            dir.path(),
+            &(minimal() + "[blue_green]\nswitch = \"command\"\ncommand = [\"/bin/true\"]\n"),
+        );
+        let env = [(
+            "FLEET_AGENT__BLUE_GREEN__COMMAND".to_string(),
+            "/usr/bin/switch,--to".to_string(),
+        )];
+        let c = load(&path, env).unwrap();
+        assert_eq!(c.blue_green.command, ["/usr/bin/switch", "--to"]);
+        assert_eq!(c.blue_green.port(fleet_proto::device::Slot::B), 8082);
     }
 
     #[test]

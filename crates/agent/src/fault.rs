@@ -34,6 +34,16 @@ pub const POINTS: &[&str] = &[
 /// tick, with or without an update (a hang there is a hung agent).
 pub const IDLE_POINTS: &[&str] = &["heartbeat"];
 
+/// Points only a blue-green release reaches (issue 9), not in the canary-rolling crash matrix:
+/// the new version started beside the old one; the traffic switched to it (before the
+/// journal says so); the commit about to stop the old one; a switch back about to happen.
+pub const BLUE_GREEN_POINTS: &[&str] = &[
+    "bluegreen-warming",
+    "bluegreen-switched",
+    "bluegreen-promote",
+    "bluegreen-before-switch-back",
+];
+
 #[cfg(feature = "fault-points")]
 mod imp {
     use std::sync::OnceLock;
@@ -93,7 +103,7 @@ mod imp {
 #[inline(always)]
 pub fn point(name: &str) {
     debug_assert!(
-        POINTS.contains(&name) || IDLE_POINTS.contains(&name),
+        POINTS.contains(&name) || IDLE_POINTS.contains(&name) || BLUE_GREEN_POINTS.contains(&name),
         "unknown fault point {name}"
     );
     #[cfg(feature = "fault-points")]

@@ -19,6 +19,7 @@
 //! - [`link`]: the MQTT client driver (rumqttc), reconnects, event acknowledgements.
 //! - [`tls`]: the MQTT TLS client config (pinned CA, optional client certificate; rustls +
 //!   ring, no process-wide provider).
+//! - [`traffic`]: blue-green traffic switching: the built-in TCP forwarder, the switch command.
 //! - [`agent`]: the driver tying them together: [`run`].
 //! - [`notify`]: systemd's notify protocol (used by the binary).
 //! - [`fault`]: named fault points (feature `fault-points`).
@@ -45,6 +46,7 @@ pub mod runtime;
 pub mod slots;
 pub mod snapshot;
 pub mod tls;
+pub mod traffic;
 pub mod trial;
 
 pub use agent::{Error, Options, run, run_with};

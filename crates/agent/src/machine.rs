@@ -14,6 +14,19 @@
 //! the agent's `app.data_dirs`) or a container: the data is archived (and the container's
 //! image kept as the rollback image) before the swap, and put back before the previous
 //! version starts again.
+//!
+//! A blue-green release (`strategy = "blue-green"`) on a device that runs a committed version
+//! takes its own path after the install (issue 9):
+//!
+//! ```text
+//! Installing ─ok─▶ Warming ─good─▶ Switching ─switched─▶ Proving ─good─▶ Idle (committed; the old instance stops)
+//!                    │ bad            │ failed              └─bad──▶ SwitchingBack ─switched─▶ Idle (rolled back)
+//!                    └────────────────┴──▶ Idle (rolled back: the old instance never stopped serving)
+//! ```
+//!
+//! The new version runs *beside* the committed one (its own instance, its own port) while the
+//! old one keeps serving; the traffic switch and the switch back are actions whose result
+//! comes back as [`Input::Switched`]. The old instance is stopped only at the commit.
 
 use std::time::Duration;
 
@@ -23,7 +36,7 @@ use fleet_proto::device::{
 };
 use fleet_proto::hex::Hex;
 use fleet_proto::hex::Sha256;
-use fleet_proto::release::{Accepted, Release, Trust, admit, key_id};
+use fleet_proto::release::{Accepted, Release, StrategyKind, Trust, admit, key_id};
 use fleet_proto::trust::{Pinned, TrustChain, follow, trusted_now};
 use fleet_proto::{DeviceId, Refusal, RolloutId, SignedRelease, UnixMillis, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -43,6 +56,9 @@ pub struct Ctx {
     /// Data directories from the agent's config (`app.data_dirs`), snapshotted for every
     /// release besides the release's own `data_dirs`.
     pub data_dirs: Vec<String>,
+    /// Why this device cannot run a blue-green release (its runtime, or no traffic switch
+    /// configured), as the refusal says it; `None`: it can.
+    pub blue_green_refusal: Option<String>,
 }
 
 /// A release that is completely installed in a slot.
@@ -129,6 +145,43 @@ pub enum Phase {
         to: Option<Slot>,
         reason: RollbackReason,
     },
+    // Blue-green (issue 9), appended. `previous` keeps running and serving through all of them
+    // until the commit; `active` and the `active` link stay on it until the traffic moved.
+    /// `slot` runs beside `previous` on its own port, without traffic, and is probed until
+    /// `deadline`.
+    Warming {
+        job: Job,
+        slot: Slot,
+        previous: Slot,
+        deadline: UnixMillis,
+        attempts_left: u32,
+        progress: Progress,
+    },
+    /// `slot` proved healthy; the traffic is being switched to it.
+    Switching {
+        job: Job,
+        slot: Slot,
+        previous: Slot,
+        attempts_left: u32,
+    },
+    /// The traffic goes to `slot` (and the `active` link points to it); `previous` stays warm
+    /// until `slot` passes its trial under traffic before `deadline`.
+    Proving {
+        job: Job,
+        slot: Slot,
+        previous: Slot,
+        deadline: UnixMillis,
+        attempts_left: u32,
+        progress: Progress,
+    },
+    /// `from` failed after taking traffic: the traffic goes back to `to`, which never stopped,
+    /// then `from` is stopped.
+    SwitchingBack {
+        job: Job,
+        from: Slot,
+        to: Slot,
+        reason: RollbackReason,
+    },
 }
 
 impl Phase {
@@ -139,9 +192,15 @@ impl Phase {
             Phase::Installing { .. } => UpdatePhase::Installing,
             // Design: the wire keeps its six phases; the two new steps belong to the swap and
             // to the rollback from the coordinator's point of view.
-            Phase::Swapping { .. } | Phase::Snapshotting { .. } => UpdatePhase::Swapping,
-            Phase::Trial { .. } => UpdatePhase::Trial,
-            Phase::RollingBack { .. } | Phase::Restoring { .. } => UpdatePhase::RollingBack,
+            Phase::Swapping { .. } | Phase::Snapshotting { .. } | Phase::Switching { .. } => {
+                UpdatePhase::Swapping
+            }
+            Phase::Trial { .. } | Phase::Warming { .. } | Phase::Proving { .. } => {
+                UpdatePhase::Trial
+            }
+            Phase::RollingBack { .. } | Phase::Restoring { .. } | Phase::SwitchingBack { .. } => {
+                UpdatePhase::RollingBack
+            }
         }
     }
 
@@ -154,7 +213,11 @@ impl Phase {
             | Phase::Trial { job, .. }
             | Phase::RollingBack { job, .. }
             | Phase::Snapshotting { job, .. }
-            | Phase::Restoring { job, .. } => Some(job),
+            | Phase::Restoring { job, .. }
+            | Phase::Warming { job, .. }
+            | Phase::Switching { job, .. }
+            | Phase::Proving { job, .. }
+            | Phase::SwitchingBack { job, .. } => Some(job),
         }
     }
 }
@@ -262,8 +325,12 @@ impl State {
     /// The slot the `active` link must point to in this state.
     pub fn link_target(&self) -> Option<Slot> {
         match &self.phase {
-            Phase::Trial { slot, .. } | Phase::Restoring { from: slot, .. } => Some(*slot),
+            Phase::Trial { slot, .. }
+            | Phase::Restoring { from: slot, .. }
+            | Phase::Proving { slot, .. } => Some(*slot),
             Phase::RollingBack { to, .. } => *to,
+            Phase::Warming { previous, .. } | Phase::Switching { previous, .. } => Some(*previous),
+            Phase::SwitchingBack { to, .. } => Some(*to),
             _ => self.active,
         }
     }
@@ -307,6 +374,12 @@ pub enum Input {
     },
     /// The chain of signed key rotations arrived (`fleet/v1/trust`).
     Trust { chain: TrustChain },
+    /// Blue-green: the traffic of job `sequence` now goes where [`Action::SwitchTraffic`]
+    /// asked, or the switch failed (why).
+    Switched {
+        sequence: u64,
+        result: Result<(), String>,
+    },
 }
 
 /// What the driver must do, in order, after persisting the state.
@@ -365,6 +438,24 @@ pub enum Action {
     /// A desired state that waited while busy, to be fed back as `Input::Desired`.
     Redeliver(Box<Desired>),
     SetReportInterval(Duration),
+    // Blue-green (issue 9), appended.
+    /// Start the release in `slot` as a second instance beside the running one, on the
+    /// slot's own port and from the slot's directory (not through the `active` link).
+    StartStandby {
+        slot: Slot,
+    },
+    /// Stop the second instance (the new version that failed).
+    StopStandby,
+    /// Send new connections to the instance of `to`; answered by [`Input::Switched`].
+    SwitchTraffic {
+        sequence: u64,
+        to: Slot,
+    },
+    /// The commit: stop the old instance (once the connections it is serving have finished);
+    /// the second instance, running `slot`, becomes the app.
+    Promote {
+        slot: Slot,
+    },
 }
 
 fn emit(job: &Job, kind: EventKind) -> Action {
@@ -386,6 +477,9 @@ pub fn step(ctx: &Ctx, state: State, input: Input, now: UnixMillis) -> (State, V
             on_desired(ctx, &mut s, desired, disk_free, now, &mut actions)
         }
         Input::Trust { chain } => on_trust(ctx, &mut s, &chain, &mut actions),
+        Input::Switched { sequence, result } => {
+            on_switched(ctx, &mut s, sequence, result, now, &mut actions)
+        }
         Input::Downloaded { sequence, result } => {
             let Phase::Downloading { job } = &s.phase else {
                 return (s, actions);
@@ -439,7 +533,7 @@ pub fn step(ctx: &Ctx, state: State, input: Input, now: UnixMillis) -> (State, V
                     });
                     actions.push(emit(&job, EventKind::Installed { slot }));
                     actions.push(Action::DiscardStaging);
-                    prepare_swap(ctx, &mut s, job, slot, &mut actions);
+                    prepare_update(ctx, &mut s, job, slot, now, &mut actions);
                 }
                 Err(failure) => {
                     actions.push(Action::WipeSlot { slot });
@@ -557,6 +651,137 @@ pub fn snapshot_dirs(ctx: &Ctx, job: &Job) -> Vec<String> {
 /// Whether the swap to `job` is prepared by a `Snapshotting` step.
 fn needs_snapshot(ctx: &Ctx, job: &Job) -> bool {
     job.release.container.is_some() || !snapshot_dirs(ctx, job).is_empty()
+}
+
+/// What follows a complete install: blue-green's second instance when the release asks for it
+/// and a committed version runs (with nothing running there is nothing to keep warm: the
+/// ordinary swap), else the swap.
+fn prepare_update(
+    ctx: &Ctx,
+    s: &mut State,
+    job: Job,
+    slot: Slot,
+    now: UnixMillis,
+    actions: &mut Vec<Action>,
+) {
+    match s.active {
+        Some(previous) if is_blue_green(&job) && previous != slot => {
+            start_warming(s, job, slot, previous, ctx.trial_attempts, now, actions)
+        }
+        _ => prepare_swap(ctx, s, job, slot, actions),
+    }
+}
+
+fn is_blue_green(job: &Job) -> bool {
+    job.release.strategy.kind == StrategyKind::BlueGreen
+}
+
+/// Blue-green: starts `slot` beside `previous`, which keeps the traffic.
+#[allow(clippy::too_many_arguments)]
+fn start_warming(
+    s: &mut State,
+    job: Job,
+    slot: Slot,
+    previous: Slot,
+    attempts_left: u32,
+    now: UnixMillis,
+    actions: &mut Vec<Action>,
+) {
+    actions.push(Action::StartStandby { slot });
+    actions.push(emit(
+        &job,
+        EventKind::TrialStarted {
+            deadline: job.release.trial.deadline,
+        },
+    ));
+    s.phase = Phase::Warming {
+        deadline: now.saturating_add(job.release.trial.deadline),
+        job,
+        slot,
+        previous,
+        attempts_left,
+        progress: Progress::default(),
+    };
+    actions.push(Action::Report);
+}
+
+/// Blue-green: the traffic goes back to `to`, which kept running, and the `active` link with
+/// it; `Input::Switched` then stops `from` and ends the rollback.
+fn switch_back(
+    s: &mut State,
+    job: Job,
+    from: Slot,
+    to: Slot,
+    reason: RollbackReason,
+    actions: &mut Vec<Action>,
+) {
+    actions.push(Action::SwitchTraffic {
+        sequence: job.sequence,
+        to,
+    });
+    actions.push(Action::Swap { to: Some(to) });
+    s.phase = Phase::SwitchingBack {
+        job,
+        from,
+        to,
+        reason,
+    };
+    actions.push(Action::Report);
+}
+
+fn on_switched(
+    ctx: &Ctx,
+    s: &mut State,
+    sequence: u64,
+    result: Result<(), String>,
+    now: UnixMillis,
+    actions: &mut Vec<Action>,
+) {
+    match s.phase.clone() {
+        Phase::Switching {
+            job,
+            slot,
+            previous,
+            attempts_left,
+        } if job.sequence == sequence => match result {
+            Ok(()) => {
+                actions.push(emit(&job, EventKind::Swapped { to: slot }));
+                actions.push(Action::Swap { to: Some(slot) });
+                s.phase = Phase::Proving {
+                    deadline: now.saturating_add(job.release.trial.deadline),
+                    job,
+                    slot,
+                    previous,
+                    attempts_left,
+                    progress: Progress::default(),
+                };
+                actions.push(Action::Report);
+            }
+            // Design: a failed switch may have moved part of the traffic (a command that
+            // died half-way): it is switched back explicitly, like any rollback after the switch.
+            Err(detail) => switch_back(
+                s,
+                job,
+                slot,
+                previous,
+                RollbackReason::SwitchFailed { detail },
+                actions,
+            ),
+        },
+        Phase::SwitchingBack {
+            job,
+            from: _,
+            to,
+            reason,
+        } if job.sequence == sequence => {
+            actions.push(Action::StopStandby);
+            let problem = result.err().map(|e| {
+                format!("the traffic could not be switched back to the previous version: {e}; it runs, fix the switch (blue_green.command) and point the service at it")
+            });
+            finish_rollback(ctx, s, &job, Some(to), reason, problem, now, actions);
+        }
+        _ => {}
+    }
 }
 
 /// The swap, preceded by the snapshot when the release needs one.
@@ -687,6 +912,91 @@ fn on_probe(
                 Verdict::RollBack(reason) => {
                     roll_back(ctx, s, job, slot, previous, reason, now, actions)
                 }
+            }
+        }
+        Phase::Warming {
+            job,
+            slot,
+            previous,
+            deadline,
+            attempts_left,
+            progress,
+        } if job.sequence == sequence => {
+            let (job, slot, previous, deadline, attempts_left) =
+                (job.clone(), *slot, *previous, *deadline, *attempts_left);
+            match trial::judge(
+                &rules(ctx, &job.release),
+                progress.clone(),
+                &sample,
+                now,
+                deadline,
+            ) {
+                Verdict::Continue(progress) => {
+                    s.phase = Phase::Warming {
+                        job,
+                        slot,
+                        previous,
+                        deadline,
+                        attempts_left,
+                        progress,
+                    };
+                }
+                Verdict::Commit => {
+                    actions.push(Action::SwitchTraffic {
+                        sequence: job.sequence,
+                        to: slot,
+                    });
+                    s.phase = Phase::Switching {
+                        job,
+                        slot,
+                        previous,
+                        attempts_left,
+                    };
+                    actions.push(Action::Report);
+                }
+                Verdict::RollBack(reason) => {
+                    // The new version never had traffic: stopping it is the whole rollback.
+                    actions.push(Action::StopStandby);
+                    finish_rollback(ctx, s, &job, Some(previous), reason, None, now, actions);
+                }
+            }
+        }
+        Phase::Proving {
+            job,
+            slot,
+            previous,
+            deadline,
+            attempts_left,
+            progress,
+        } if job.sequence == sequence => {
+            let (job, slot, previous, deadline, attempts_left) =
+                (job.clone(), *slot, *previous, *deadline, *attempts_left);
+            match trial::judge(
+                &rules(ctx, &job.release),
+                progress.clone(),
+                &sample,
+                now,
+                deadline,
+            ) {
+                Verdict::Continue(progress) => {
+                    s.phase = Phase::Proving {
+                        job,
+                        slot,
+                        previous,
+                        deadline,
+                        attempts_left,
+                        progress,
+                    };
+                }
+                Verdict::Commit => {
+                    actions.push(Action::Promote { slot });
+                    s.active = Some(slot);
+                    s.applied_sequence = s.applied_sequence.max(job.sequence);
+                    s.last_outcome = Some(outcome(&job, OutcomeKind::Committed, now));
+                    actions.push(emit(&job, EventKind::Committed { slot }));
+                    go_idle(s, actions);
+                }
+                Verdict::RollBack(reason) => switch_back(s, job, slot, previous, reason, actions),
             }
         }
         Phase::RollingBack {
@@ -987,6 +1297,31 @@ fn on_desired(
         );
         return;
     }
+    if release.strategy.kind == StrategyKind::BlueGreen {
+        let why = ctx.blue_green_refusal.clone().or_else(|| {
+            let dirs = snapshot_dirs(ctx, &Job {
+                sequence,
+                rollout: None,
+                retry: 0,
+                signed: signed.clone(),
+                release: release.clone(),
+                digest,
+            });
+            (!dirs.is_empty()).then(|| format!(
+                "blue-green runs the new version beside the old one on the same data, so the data directories ({}) cannot be snapshotted for a rollback; ship this release as canary-rolling",
+                dirs.join(", ")
+            ))
+        });
+        if let Some(why) = why {
+            refuse(
+                s,
+                actions,
+                release.version.clone(),
+                Refusal::StrategyUnsupported { why },
+            );
+            return;
+        }
+    }
     let standby = s.standby_slot();
     let in_standby = s
         .slot(standby)
@@ -1022,7 +1357,7 @@ fn on_desired(
     if in_standby {
         accept(s, &job);
         actions.push(emit(&job, EventKind::Verified));
-        prepare_swap(ctx, s, job, standby, actions);
+        prepare_update(ctx, s, job, standby, now, actions);
     } else {
         actions.push(Action::Download {
             job: Box::new(job.clone()),
@@ -1089,6 +1424,9 @@ fn on_trust(ctx: &Ctx, s: &mut State, chain: &TrustChain, actions: &mut Vec<Acti
 /// | `Restoring` | stop the app, restore the snapshot again from the start and check it, then swap back |
 /// | `RollingBack` | redo the swap back and restart the previous version; verify it again |
 /// | `Idle` (also) | drop any data snapshot left over |
+/// | `Warming`, `Switching` or `Proving`, attempts left | both instances died with the agent: link back to the previous version, start it (it takes the traffic), then warm the new one up again beside it with one attempt less |
+/// | `Warming`, `Switching` or `Proving`, no attempts left | link back to the previous version and start it; rolled back, reason `AgentRestarted` |
+/// | `SwitchingBack` | link back to the previous version and start it (it takes the traffic); the rollback ends with its reason |
 ///
 /// In every case the highest accepted counter is kept as it is.
 fn resolve(
@@ -1200,6 +1538,65 @@ fn resolve(
             // The data (if any) is already back: only the swap back and the start are redone.
             swap_back(ctx, s, job, from, to, reason, restore_problem, now, actions);
         }
+        Phase::Warming {
+            job,
+            slot,
+            previous,
+            attempts_left,
+            ..
+        }
+        | Phase::Switching {
+            job,
+            slot,
+            previous,
+            attempts_left,
+        }
+        | Phase::Proving {
+            job,
+            slot,
+            previous,
+            attempts_left,
+            ..
+        } => {
+            // Design: the process runtime's instances die with the agent, so nothing runs and
+            // the traffic goes nowhere: the committed version comes back first (starting the
+            // app points the traffic at it), and the new one must prove itself again beside it
+            // before it gets any traffic.
+            restart_previous(s, link, previous, actions);
+            if attempts_left > 1 {
+                start_warming(s, job, slot, previous, attempts_left - 1, now, actions);
+            } else {
+                finish_rollback(
+                    ctx,
+                    s,
+                    &job,
+                    Some(previous),
+                    RollbackReason::AgentRestarted,
+                    None,
+                    now,
+                    actions,
+                );
+            }
+        }
+        Phase::SwitchingBack {
+            job, to, reason, ..
+        } => {
+            restart_previous(s, link, to, actions);
+            finish_rollback(ctx, s, &job, Some(to), reason, None, now, actions);
+        }
+    }
+}
+
+/// Blue-green after a restart: the `active` link back on `previous` and its app started.
+fn restart_previous(s: &State, link: Option<Slot>, previous: Slot, actions: &mut Vec<Action>) {
+    if link != Some(previous) {
+        actions.push(Action::Swap { to: Some(previous) });
+    }
+    if s.slot(previous).is_some() {
+        actions.push(Action::StartApp {
+            slot: previous,
+            rollback: false,
+        });
     }
 }
 

@@ -220,6 +220,10 @@ pub enum RollbackReason {
     AgentRestarted,
     #[error("the coordinator asked for the previous version")]
     Requested,
+    /// Appended in issue 9: blue-green could not move the traffic to the new version (the
+    /// configured switch command failed); the previous version kept serving.
+    #[error("the traffic switch to the new version failed: {detail}")]
+    SwitchFailed { detail: String },
 }
 
 /// Why an update failed before the swap. The active slot is untouched; a later desired state

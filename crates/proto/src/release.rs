@@ -687,4 +687,8 @@ pub enum Refusal {
         "version {version} already failed its trial on this device; the coordinator must ask explicitly to retry it"
     )]
     PreviouslyFailed { version: String },
+    /// Appended in issue 9: the release's strategy cannot run on this device as configured
+    /// (e.g. blue-green under the systemd or container runtime). `why` says what to change.
+    #[error("{why}")]
+    StrategyUnsupported { why: String },
 }

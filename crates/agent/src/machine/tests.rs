@@ -41,6 +41,7 @@ fn ctx() -> Ctx {
         failures_allowed: 2,
         restore_timeout: Duration::from_secs(30),
         data_dirs: Vec::new(),
+        blue_green_refusal: None,
     }
 }
 
@@ -172,6 +173,10 @@ fn name(a: &Action) -> String {
         Action::StopApp => "Stop".into(),
         Action::Redeliver(_) => "Redeliver".into(),
         Action::SetReportInterval(_) => "Interval".into(),
+        Action::StartStandby { slot } => format!("StartBeside({slot})"),
+        Action::StopStandby => "StopBeside".into(),
+        Action::SwitchTraffic { to, .. } => format!("Traffic({to})"),
+        Action::Promote { slot } => format!("Promote({slot})"),
     }
 }
 
@@ -1192,11 +1197,13 @@ mod properties {
         SnapshotErr,
         RestoreOk,
         RestoreErr,
+        SwitchOk,
+        SwitchErr,
     }
 
     fn op() -> impl Gen<Value = Op> {
         prop_oneof![
-            (0u8..6, 0u32..2, any::<bool>()).prop_map(|(release, retry, none)| Op::Desired {
+            (0u8..7, 0u32..2, any::<bool>()).prop_map(|(release, retry, none)| Op::Desired {
                 release,
                 retry,
                 none: none && release == 0
@@ -1215,6 +1222,8 @@ mod properties {
             Just(Op::SnapshotErr),
             Just(Op::RestoreOk),
             Just(Op::RestoreErr),
+            Just(Op::SwitchOk),
+            Just(Op::SwitchErr),
             (0u8..4).prop_map(Op::Advance),
             (0u8..4).prop_map(Op::Advance),
             (0u8..4).prop_map(Op::Advance),
@@ -1246,6 +1255,8 @@ mod properties {
                 r.hardware = vec!["other".into()];
                 r
             }
+            // Blue-green: beside the running version, then the traffic switch.
+            6 => blue_green(6, "6.0"),
             _ => release(2, "2.0-reused"),
         };
         r.trial.good_probes = 2;
@@ -1255,7 +1266,9 @@ mod properties {
     fn input(op: &Op, s: &State, next_seq: &mut u64, now: &mut UnixMillis) -> Input {
         let seq = s.phase.job().map(|j| j.sequence).unwrap_or(0);
         let version = match &s.phase {
-            Phase::Trial { job, .. } => job.release.version.clone(),
+            Phase::Trial { job, .. } | Phase::Warming { job, .. } | Phase::Proving { job, .. } => {
+                job.release.version.clone()
+            }
             Phase::RollingBack { to, .. } => to
                 .and_then(|t| s.slot(t))
                 .map(|c| c.installed.version.clone())
@@ -1277,6 +1290,9 @@ mod properties {
             (Op::Advance(_), Phase::Swapping { .. }) => &Op::Swapped,
             (Op::Advance(_), Phase::Snapshotting { .. }) => &Op::SnapshotOk,
             (Op::Advance(_), Phase::Restoring { .. }) => &Op::RestoreOk,
+            (Op::Advance(_), Phase::Switching { .. } | Phase::SwitchingBack { .. }) => {
+                &Op::SwitchOk
+            }
             (Op::Advance(_), _) => &Op::ProbeGood,
             (other, _) => other,
         };
@@ -1353,6 +1369,14 @@ mod properties {
                 sequence: seq,
                 result: Err("damaged".into()),
             },
+            Op::SwitchOk => Input::Switched {
+                sequence: seq,
+                result: Ok(()),
+            },
+            Op::SwitchErr => Input::Switched {
+                sequence: seq,
+                result: Err("exit 1".into()),
+            },
             Op::LateTime => {
                 *now = now.saturating_add(Duration::from_secs(120));
                 probe(seq, sample(&version, AppStatus::Degraded))
@@ -1403,4 +1427,329 @@ mod properties {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blue-green (issue 9)
+
+fn blue_green(counter: u64, version: &str) -> Release {
+    let mut r = release(counter, version);
+    r.strategy.kind = StrategyKind::BlueGreen;
+    r
+}
+
+fn switched(sequence: u64, result: Result<(), &str>) -> Input {
+    Input::Switched {
+        sequence,
+        result: result.map_err(str::to_owned),
+    }
+}
+
+/// v1 committed in A; blue-green v2 installed in B and warming up beside it.
+fn warming_v2() -> State {
+    let r2 = blue_green(2, "2.0");
+    let s = check(
+        running_v1(),
+        vec![
+            (
+                desired(2, Some(&r2), 0),
+                UpdatePhase::Downloading,
+                &["Download"],
+            ),
+            (
+                Input::Downloaded {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Installing,
+                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
+            ),
+            (
+                Input::Installed {
+                    sequence: 2,
+                    result: Ok(()),
+                },
+                UpdatePhase::Trial,
+                &[
+                    "E:Installed",
+                    "DiscardStaging",
+                    "StartBeside(slot-b)",
+                    "E:TrialStarted",
+                ],
+            ),
+        ],
+    );
+    // The old version keeps the link, the traffic and the report's "active".
+    assert_eq!(s.link_target(), Some(Slot::A));
+    assert_eq!(s.active, Some(Slot::A));
+    s
+}
+
+/// The traffic moved to v2 (B); v1 still warm in A.
+fn proving_v2() -> State {
+    let s = check(
+        warming_v2(),
+        vec![
+            (
+                probe(2, sample("2.0", AppStatus::Healthy)),
+                UpdatePhase::Trial,
+                &[],
+            ),
+            (
+                probe(2, sample("2.0", AppStatus::Healthy)),
+                UpdatePhase::Swapping,
+                &["Traffic(slot-b)"],
+            ),
+            (
+                switched(2, Ok(())),
+                UpdatePhase::Trial,
+                &["E:Swapped", "Swap(slot-b)"],
+            ),
+        ],
+    );
+    assert!(matches!(s.phase, Phase::Proving { .. }));
+    assert_eq!(s.link_target(), Some(Slot::B));
+    s
+}
+
+#[test]
+fn blue_green_switches_after_warming_up_and_stops_the_old_one_at_the_commit() {
+    let s = check(
+        proving_v2(),
+        vec![
+            (
+                probe(2, sample("2.0", AppStatus::Healthy)),
+                UpdatePhase::Trial,
+                &[],
+            ),
+            (
+                probe(2, sample("2.0", AppStatus::Healthy)),
+                UpdatePhase::Idle,
+                &["Promote(slot-b)", "E:Committed"],
+            ),
+        ],
+    );
+    assert_eq!(s.active, Some(Slot::B));
+    assert_eq!(s.applied_sequence, 2);
+    assert!(matches!(
+        s.last_outcome.as_ref().map(|o| &o.result),
+        Some(OutcomeKind::Committed)
+    ));
+}
+
+#[test]
+fn blue_green_rollbacks_never_restart_the_old_version() {
+    // Bad while warming up: it never had traffic; stopping it is the rollback.
+    let s = check(
+        warming_v2(),
+        vec![(
+            probe(2, sample("9.9", AppStatus::Healthy)),
+            UpdatePhase::Idle,
+            &[
+                "StopBeside",
+                "E:RolledBack(health endpoint reported version 9.9, expected 2.0)",
+            ],
+        )],
+    );
+    assert_eq!(s.active, Some(Slot::A));
+    assert_eq!(s.failed.len(), 1);
+    // Bad under traffic: the traffic and the link go back, then the new one stops.
+    let s = check(
+        proving_v2(),
+        vec![
+            (
+                probe(2, sample("2.0", AppStatus::Unhealthy)),
+                UpdatePhase::Trial,
+                &[],
+            ),
+            (
+                probe(2, sample("2.0", AppStatus::Unhealthy)),
+                UpdatePhase::RollingBack,
+                &["Traffic(slot-a)", "Swap(slot-a)"],
+            ),
+            (
+                switched(2, Ok(())),
+                UpdatePhase::Idle,
+                &[
+                    "StopBeside",
+                    "E:RolledBack(health endpoint reported Unhealthy)",
+                ],
+            ),
+        ],
+    );
+    assert_eq!(s.active, Some(Slot::A));
+    // A failed switch is a rollback too (the switch is redone towards the old version); a
+    // failed switch back is reported with it.
+    let mut to_proving = warming_v2();
+    for _ in 0..2 {
+        to_proving = step(
+            &ctx(),
+            to_proving,
+            probe(2, sample("2.0", AppStatus::Healthy)),
+            NOW,
+        )
+        .0;
+    }
+    let s = check(
+        to_proving,
+        vec![
+            (
+                switched(2, Err("exit 1")),
+                UpdatePhase::RollingBack,
+                &["Traffic(slot-a)", "Swap(slot-a)"],
+            ),
+            (
+                switched(2, Err("exit 1")),
+                UpdatePhase::Idle,
+                &[
+                    "StopBeside",
+                    "E:RolledBack(the traffic switch to the new version failed: exit 1)",
+                    "E:Failed(rollback failed, the previous version is not healthy: the traffic could not be switched back to the previous version: exit 1; it runs, fix the switch (blue_green.command) and point the service at it)",
+                ],
+            ),
+        ],
+    );
+    assert_eq!(s.active, Some(Slot::A));
+}
+
+#[test]
+fn blue_green_is_refused_where_it_cannot_run() {
+    let mut c = ctx();
+    c.blue_green_refusal = Some("blue-green needs the process runtime on this device".into());
+    let (s, actions) = step(
+        &c,
+        running_v1(),
+        desired(2, Some(&blue_green(2, "2.0")), 0),
+        NOW,
+    );
+    assert!(matches!(s.phase, Phase::Idle));
+    assert!(
+        actions
+            .iter()
+            .map(name)
+            .any(|n| n == "E:Refused(blue-green needs the process runtime on this device)"),
+        "{actions:?}"
+    );
+    // Data directories cannot be shared by two versions running at once.
+    let mut r = blue_green(2, "2.0");
+    r.data_dirs = vec!["/var/lib/app".into()];
+    let (_, actions) = step(&ctx(), running_v1(), desired(2, Some(&r), 0), NOW);
+    assert!(
+        actions
+            .iter()
+            .map(name)
+            .any(|n| n.starts_with("E:Refused(blue-green runs")),
+        "{actions:?}"
+    );
+    // A first install has nothing to keep warm: the ordinary swap.
+    let (s, _) = step(
+        &ctx(),
+        State::fresh(),
+        desired(1, Some(&blue_green(1, "1.0")), 0),
+        NOW,
+    );
+    let (s, _) = step(
+        &ctx(),
+        s,
+        Input::Downloaded {
+            sequence: 1,
+            result: Ok(()),
+        },
+        NOW,
+    );
+    let (s, _) = step(
+        &ctx(),
+        s,
+        Input::Installed {
+            sequence: 1,
+            result: Ok(()),
+        },
+        NOW,
+    );
+    assert!(matches!(s.phase, Phase::Swapping { .. }), "{:?}", s.phase);
+}
+
+#[test]
+fn blue_green_resolves_on_restart() {
+    let boot = |link: Slot| Input::Boot { link: Some(link) };
+    // Warming, attempts left: the old version back, the new one warms up again.
+    let s = check(
+        warming_v2(),
+        vec![(
+            boot(Slot::A),
+            UpdatePhase::Trial,
+            &["Start(slot-a)", "StartBeside(slot-b)", "E:TrialStarted"],
+        )],
+    );
+    let Phase::Warming { attempts_left, .. } = s.phase else {
+        panic!("{:?}", s.phase)
+    };
+    assert_eq!(attempts_left, 1);
+    // ... and with none left it is rolled back.
+    check(
+        s,
+        vec![(
+            boot(Slot::A),
+            UpdatePhase::Idle,
+            &[
+                "Start(slot-a)",
+                "E:RolledBack(the agent restarted during the trial and no attempts were left)",
+            ],
+        )],
+    );
+    // Switched and under traffic (the link on B): link and traffic back to A first.
+    check(
+        proving_v2(),
+        vec![(
+            boot(Slot::B),
+            UpdatePhase::Trial,
+            &[
+                "Swap(slot-a)",
+                "Start(slot-a)",
+                "StartBeside(slot-b)",
+                "E:TrialStarted",
+            ],
+        )],
+    );
+    // Switching (the switch may or may not have happened): the same.
+    let mut switching = warming_v2();
+    for _ in 0..2 {
+        switching = step(
+            &ctx(),
+            switching,
+            probe(2, sample("2.0", AppStatus::Healthy)),
+            NOW,
+        )
+        .0;
+    }
+    assert!(matches!(switching.phase, Phase::Switching { .. }));
+    check(
+        switching,
+        vec![(
+            boot(Slot::A),
+            UpdatePhase::Trial,
+            &["Start(slot-a)", "StartBeside(slot-b)", "E:TrialStarted"],
+        )],
+    );
+    // Switching back: finish the rollback on the old version.
+    let (back, _) = step(
+        &ctx(),
+        proving_v2(),
+        probe(2, sample("7.0", AppStatus::Healthy)),
+        NOW,
+    );
+    assert!(matches!(back.phase, Phase::SwitchingBack { .. }));
+    let s = check(
+        back,
+        vec![(
+            boot(Slot::B),
+            UpdatePhase::Idle,
+            &[
+                "Swap(slot-a)",
+                "Start(slot-a)",
+                "E:RolledBack(health endpoint reported version 7.0, expected 2.0)",
+            ],
+        )],
+    );
+    assert_eq!(s.active, Some(Slot::A));
 }

@@ -39,6 +39,7 @@ fn ctx() -> Ctx {
         failures_allowed: 2,
         restore_timeout: Duration::from_secs(30),
         data_dirs: Vec::new(),
+        blue_green_refusal: None,
     }
 }
 

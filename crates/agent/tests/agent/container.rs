@@ -8,6 +8,7 @@
 //!
 //! Without dockerd these tests print `SKIPPED: …` and pass; under `FLEET_REQUIRE_E2E=1` they fail.
 
+#[cfg(feature = "fault-points")]
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

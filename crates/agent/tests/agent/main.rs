@@ -2,6 +2,7 @@
 //! releases and the real fleet-demo-app as the application.
 #![allow(clippy::unwrap_used)]
 
+mod bluegreen;
 mod cli;
 mod container;
 mod crash;
