@@ -106,6 +106,9 @@ pub struct Agent {
     dir: PathBuf,
     child: Option<Child>,
     starts: u32,
+    /// `FLEET_AGENT__…` overrides set on every run ([`Agent::start_with_env`]), e.g. the
+    /// container runtime and its engine's socket.
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -116,6 +119,21 @@ impl Agent {
     /// heartbeat's health probe keeps the default 2 s timeout, as a loaded machine needs).
     #[track_caller]
     pub fn start(parent: &Path, spec: DeviceSpec, mqtt: &MqttEndpoint, release_key: &str) -> Agent {
+        Self::start_with_env(parent, spec, mqtt, release_key, &[])
+    }
+
+    /// [`Agent::start`] with `env` (`FLEET_AGENT__SECTION__KEY`, value) set on every run of
+    /// the agent, over its config file: e.g. `FLEET_AGENT__APP__RUNTIME=container`. A
+    /// container outlives its agent (it belongs to the engine, as on a real device), so
+    /// [`Agent::kill`] and [`Agent::stop`], which check that the app is gone, are not for those.
+    #[track_caller]
+    pub fn start_with_env(
+        parent: &Path,
+        spec: DeviceSpec,
+        mqtt: &MqttEndpoint,
+        release_key: &str,
+        env: &[(String, String)],
+    ) -> Agent {
         let dir = parent.join(&spec.id);
         std::fs::create_dir_all(&dir)
             .unwrap_or_else(|e| panic!("failed to create {}: {e}", dir.display()));
@@ -130,6 +148,7 @@ impl Agent {
             dir,
             child: None,
             starts: 0,
+            env: env.to_vec(),
         };
         agent.start_again();
         agent
@@ -151,6 +170,7 @@ impl Agent {
                 cmd.env_remove(k);
             }
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.arg("--config")
             .arg(self.dir.join("agent.toml"))
             .current_dir(&self.dir);

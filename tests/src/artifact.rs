@@ -40,22 +40,31 @@ impl DemoArtifact {
         let app = binary("fleet-demo-app");
         std::fs::copy(&app, bin.join("fleet-demo-app"))
             .unwrap_or_else(|e| panic!("failed to copy {} into the artifact: {e}", app.display()));
-        let arch = std::env::consts::ARCH.to_owned();
+        let arch = std::env::consts::ARCH;
         let out = desk.join(format!("demo-app-{arch}.tar.gz"));
+        Self::pack_dir(releases, &tree, "any", &out)
+    }
+
+    /// Packs the directory `tree` with `fleetctl artifact pack --name demo --version VERSION`
+    /// for this machine's architecture into `out`, e.g. a container release's `docker save`
+    /// tarball.
+    #[track_caller]
+    pub fn pack_dir(releases: &Releases, tree: &Path, version: &str, out: &Path) -> DemoArtifact {
+        let arch = std::env::consts::ARCH.to_owned();
         let stanza = releases
             .ctl
             .run(&[
                 "artifact",
                 "pack",
-                path_arg(&tree),
+                path_arg(tree),
                 "--name",
                 "demo",
                 "--version",
-                "any",
+                version,
                 "--arch",
                 &arch,
                 "--out",
-                path_arg(&out),
+                path_arg(out),
             ])
             .ok();
         let field = |key: &str| -> String {
@@ -70,7 +79,7 @@ impl DemoArtifact {
             panic!("fleetctl artifact pack printed a size that is not a number ({e}):\n{stanza}")
         });
         DemoArtifact {
-            path: out,
+            path: out.to_owned(),
             sha256,
             size,
             arch,

@@ -422,6 +422,45 @@ pub struct ReleaseSpec {
     pub waves: &'static str,
     pub trial: &'static str,
     pub extra: String,
+    /// `[container]`: a release for the agent's `container` runtime.
+    pub container: Option<ContainerSection>,
+}
+
+/// A container release's `[container]` section (the keys of `deploy/manifests/container.toml`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerSection {
+    /// `repository:tag` or an image id.
+    pub image: String,
+    /// The `docker save` tarball inside the artifact.
+    pub load: Option<String>,
+    /// The id the image must have.
+    pub image_id: Option<String>,
+    /// The container's name; its rollback image is `NAME:fleet-rollback`.
+    pub name: String,
+    pub network: Option<String>,
+    /// `no`, `on-failure`, `always` or `unless-stopped`.
+    pub restart: String,
+}
+
+impl ContainerSection {
+    pub fn toml(&self) -> String {
+        let mut t = format!("[container]\nimage = \"{}\"\n", self.image);
+        let optional = [
+            ("load", &self.load),
+            ("image_id", &self.image_id),
+            ("network", &self.network),
+        ];
+        for (key, value) in optional {
+            if let Some(v) = value {
+                t.push_str(&format!("{key} = \"{v}\"\n"));
+            }
+        }
+        t.push_str(&format!(
+            "name = \"{}\"\nrestart = \"{}\"\n",
+            self.name, self.restart
+        ));
+        t
+    }
 }
 
 impl ReleaseSpec {
@@ -446,6 +485,7 @@ impl ReleaseSpec {
             waves: "[50, 100]",
             trial: "deadline = \"30s\"\ngood_probes = 3\nprobe_interval = \"500ms\"",
             extra: String::new(),
+            container: None,
         }
     }
 
@@ -462,12 +502,17 @@ impl ReleaseSpec {
                 .join(", ")
         };
         format!(
-            "[release]\nname = \"{name}\"\nversion = \"{version}\"\ncounter = {counter}\nexpires = \"2099-01-01T00:00:00Z\"\nhardware = [{hardware}]\n{rollback}\n{artifacts}\n[run]\nentrypoint = \"{entry}\"\nargs = [{args}]\n\n[resources]\ndisk_mb = 1\nmemory_mb = {memory}\n\n[health]\nendpoint = \"http://127.0.0.1:{{port}}/health\"\ntimeout = \"1s\"\n\n[trial]\n{trial}\n\n[strategy]\napproval = \"{approval}\"\ncanary_soak = \"{canary}\"\nwave_soak = \"{wave}\"\nwaves = {waves}\n{extra}",
+            "[release]\nname = \"{name}\"\nversion = \"{version}\"\ncounter = {counter}\nexpires = \"2099-01-01T00:00:00Z\"\nhardware = [{hardware}]\n{rollback}\n{artifacts}\n{container}[run]\nentrypoint = \"{entry}\"\nargs = [{args}]\n\n[resources]\ndisk_mb = 1\nmemory_mb = {memory}\n\n[health]\nendpoint = \"http://127.0.0.1:{{port}}/health\"\ntimeout = \"1s\"\n\n[trial]\n{trial}\n\n[strategy]\napproval = \"{approval}\"\ncanary_soak = \"{canary}\"\nwave_soak = \"{wave}\"\nwaves = {waves}\n{extra}",
             name = self.name,
             version = self.version,
             counter = self.counter,
             hardware = quote(&self.hardware),
             artifacts = self.artifacts,
+            container = self
+                .container
+                .as_ref()
+                .map(|c| c.toml() + "\n")
+                .unwrap_or_default(),
             entry = self.entrypoint,
             args = quote(&self.args),
             memory = self.memory_mb,

@@ -12,6 +12,8 @@
 //!   served by the coordinator's `/artifacts/{sha256}`, and [`ReleaseSpec::demo_app`].
 //! - [`process`]: the [`Child`] guard (own process group, logs on disk, `wait_for_line`), workspace
 //!   binaries, [`free_port`], [`wait_until`] and [`TestDir`].
+//! - [`engine`]: a `dockerd` of a device's own ([`Engine`], killed on drop with its
+//!   containers) and the demo app as a container image packed as a release ([`DemoImage`]).
 //! - [`prereq`]: [`Outcome`] and the [`require!`] macro: a missing prerequisite is a visible skip,
 //!   or a failure when `FLEET_REQUIRE_E2E=1` / `FLEET_REQUIRE_TESTBED=1`.
 //! - [`fleet`]: the `fleet-coordinator` binary, `fleetctl` runs, and releases signed with
@@ -27,6 +29,7 @@
 
 pub mod agent;
 pub mod artifact;
+pub mod engine;
 pub mod fleet;
 pub mod mosquitto;
 pub mod mqtt;
@@ -37,7 +40,10 @@ pub mod tls;
 
 pub use agent::{Agent, AppHealth, DeviceSpec, MqttEndpoint};
 pub use artifact::DemoArtifact;
-pub use fleet::{Coordinator, Ctl, CtlRun, FAST, ReleaseSpec, Releases, http_get, http_get_at};
+pub use engine::{ContainerView, DEMO_CONTAINER, DemoImage, Engine};
+pub use fleet::{
+    ContainerSection, Coordinator, Ctl, CtlRun, FAST, ReleaseSpec, Releases, http_get, http_get_at,
+};
 pub use mosquitto::{Mosquitto, MqttUser, Role};
 pub use mqtt::MqttProbe;
 pub use prereq::{Outcome, Skip};
