@@ -111,7 +111,11 @@ pub fn check(
     let mut problems = Vec::new();
     match release.strategy.kind {
         StrategyKind::CanaryRolling | StrategyKind::RollingUpdate => {}
-        StrategyKind::BlueGreen | StrategyKind::Ab => problems.push(format!(
+        StrategyKind::BlueGreen => problems.push(format!(
+            "strategy {} is not supported by this coordinator yet (only canary-rolling and rolling-update)",
+            release.strategy.kind
+        )),
+        StrategyKind::Ab => problems.push(format!(
             "strategy {} is not supported by this coordinator yet (only canary-rolling and rolling-update)",
             release.strategy.kind
         )),
