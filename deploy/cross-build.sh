@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds fleet's deployables for a device architecture with Debian's rustc (deploy/README.md,
+# Builds fleet's deployables for a device architecture with Debian's rustc (README.md,
 # "Deploy on real devices"):
 #
 #   deploy/cross-build.sh TARGET [--release] [-p PACKAGE]...

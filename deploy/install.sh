@@ -1,5 +1,5 @@
 #!/bin/sh
-# Installs fleet-agent on a systemd device without dpkg (deploy/README.md, "Devices without dpkg").
+# Installs fleet-agent on a systemd device without dpkg (README.md, "Devices without dpkg").
 #
 #   sh install.sh [--binary FILE] [--unit FILE] [--config FILE]
 #
@@ -76,11 +76,11 @@ elf_arch() {
 want=$(elf_arch "$(readlink -f /bin/sh)")
 have=$(elf_arch "$binary")
 [ "$have" = "$want" ] || die "$binary is built for $have, this device runs $want binaries" \
-    "use the fleet-agent tarball or package for $want (deploy/README.md)"
+    "use the fleet-agent tarball or package for $want (README.md, "Deploy on real devices")"
 # Catches a C library older than the one the binary was built against (or the wrong file),
 # before anything changes.
 if ! out=$("$binary" --help 2>&1); then
-    die "$binary does not run here: $out" "deploy/README.md lists the glibc each build needs"
+    die "$binary does not run here: $out" "README.md, \"Deploy on real devices\", lists the glibc each build needs"
 fi
 case $out in
 *"usage: fleet-agent"*) ;;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Debian packages fleet-agent, fleet-coordinator and fleetctl from binaries that are
-# already built (deploy/README.md, "Deploy on real devices"):
+# already built (README.md, "Deploy on real devices"):
 #
 #   deploy/package-deb.sh [--arch amd64|arm64] [--bin-dir DIR] [--version VERSION] [--out DIR] [PACKAGE...]
 #

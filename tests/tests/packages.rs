@@ -1,5 +1,5 @@
 //! The Debian packages and `deploy/install.sh` on real systemd devices (issue 11;
-//! deploy/README.md, "Deploy on real devices").
+//! README.md, "Deploy on real devices").
 //!
 //! 1. The `fleet-agent` package on a booted device: `dpkg -i` leaves it enabled but not started,
 //!    and an unconfigured start is refused (exit 3, not restarted); configured, it starts and
@@ -149,7 +149,7 @@ fn fleet_leftovers(device: &Device) -> Vec<String> {
         .collect()
 }
 
-/// Sets what deploy/README.md tells a newcomer to set, the way its block does.
+/// Sets what README.md tells a newcomer to set, the way its block does.
 #[track_caller]
 fn configure_agent(device: &Device, id: &str, release_key: &str) {
     device.sh_ok(&format!(
@@ -355,22 +355,13 @@ fn install_sh_installs_keeps_a_modified_config_and_is_idempotent() {
     assert_eq!(dev.unit_property("fleet-agent", "MainPID"), pid);
 }
 
-/// The fenced block after the `<!-- fleet-e2e: NAME` marker, from the top-level README if it has
-/// the marker (the deploy section is merged there), else from deploy/README.md.
+/// The fenced block after the `<!-- fleet-e2e: NAME` marker in the README.
 #[track_caller]
 fn readme_block(name: &str) -> String {
     let marker = format!("<!-- fleet-e2e: {name} ");
-    let root = workspace_root();
-    let (file, text) = ["README.md", "deploy/README.md"]
-        .iter()
-        .map(|f| {
-            (
-                *f,
-                std::fs::read_to_string(root.join(f)).unwrap_or_default(),
-            )
-        })
-        .find(|(_, text)| text.contains(&marker))
-        .unwrap_or_else(|| panic!("no README has the marker {marker:?}"));
+    let file = "README.md";
+    let text = std::fs::read_to_string(workspace_root().join(file)).unwrap();
+    assert!(text.contains(&marker), "{file} has no marker {marker:?}");
     assert_eq!(
         text.matches(&marker).count(),
         1,
