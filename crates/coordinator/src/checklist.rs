@@ -115,10 +115,9 @@ pub fn check(
             "strategy {} is not supported by this coordinator yet (only canary-rolling and rolling-update)",
             release.strategy.kind
         )),
-        StrategyKind::Ab => problems.push(format!(
-            "strategy {} is not supported by this coordinator yet (only canary-rolling and rolling-update)",
-            release.strategy.kind
-        )),
+        // A/B: each arm's release is checked here like any other; the items about the pair
+        // (and the refusal of an `ab` release started alone) are in `crate::ab`.
+        StrategyKind::Ab => {}
     }
     if release.expires <= ctx.now {
         problems.push(format!("expired at {}", release.expires));

@@ -1262,6 +1262,9 @@ impl Driver {
         let result = match &req.command {
             Command::Plan { release } => self.cmd_plan(&req, release, now, false),
             Command::Start { release } => self.cmd_plan(&req, release, now, true),
+            Command::PlanAb { a, b } => self.cmd_plan_ab(&req, a, b, now, false),
+            Command::StartAb { a, b } => self.cmd_plan_ab(&req, a, b, now, true),
+            Command::Promote { rollout, arm } => self.cmd_engine(&req, rollout, OperatorCommand::Promote(*arm), now),
             Command::Approve { rollout } => self.cmd_engine(&req, rollout, OperatorCommand::Approve, now),
             Command::Pause { rollout } => self.cmd_engine(&req, rollout, OperatorCommand::Pause, now),
             Command::Resume { rollout } => self.cmd_engine(&req, rollout, OperatorCommand::Resume, now),
@@ -1402,7 +1405,10 @@ impl Driver {
             held: &held_fn,
         };
         let infos: Vec<&DeviceInfo> = self.devices.values().map(|d| &d.info).collect();
-        let v = checklist::check(signed, &opened, &infos, &ctx);
+        let mut v = checklist::check(signed, &opened, &infos, &ctx);
+        if let Ok(r) = &opened {
+            v.items.extend(crate::ab::alone(r));
+        }
         let label = opened
             .as_ref()
             .map_or_else(|_| format!("release {}", digest.short()), |r| r.label());
@@ -1504,6 +1510,169 @@ impl Driver {
         self.touched.insert(id.clone());
         self.execute(&id, actions, now);
         info!(rollout = %id, operator = %req.operator, "rollout started");
+        Driver::accepted(ReplyBody::Started(state))
+    }
+
+    /// Verifies a signed release and keeps it (it may be a rollback target later).
+    fn hold(&mut self, signed: &SignedRelease) -> Result<Release, fleet_proto::release::Refusal> {
+        let opened = signed.open(&self.keyring.pinned.keys);
+        let digest = signed.digest();
+        if let Ok(r) = &opened
+            && !self.releases.contains_key(&digest)
+        {
+            self.held
+                .insert((r.name.clone(), r.counter, r.version.clone()));
+            self.releases.insert(digest, (r.clone(), signed.clone()));
+            self.new_releases.push(digest);
+        }
+        opened
+    }
+
+    /// `plan`/`start` of an A/B pair: both checklists, the pair's items, the arms.
+    fn cmd_plan_ab(
+        &mut self,
+        req: &Request,
+        a: &SignedRelease,
+        b: &SignedRelease,
+        now: UnixMillis,
+        start: bool,
+    ) -> ReplyResult {
+        let (opened_a, opened_b) = (self.hold(a), self.hold(b));
+        let held = &self.held;
+        let held_fn = |name: &str, counter: u64, version: &str| {
+            held.contains(&(name.to_owned(), counter, version.to_owned()))
+        };
+        let ctx = CheckContext {
+            now,
+            fresh_heartbeat: self.settings.report_interval * 3,
+            held: &held_fn,
+        };
+        let infos: Vec<&DeviceInfo> = self.devices.values().map(|d| &d.info).collect();
+        let v = crate::ab::check((a, &opened_a), (b, &opened_b), &infos, &ctx);
+        let label_of = |o: &Result<Release, _>, s: &SignedRelease| {
+            o.as_ref().map_or_else(
+                |_| format!("release {}", s.digest().short()),
+                Release::label,
+            )
+        };
+        let label = format!(
+            "{} (A) vs {} (B)",
+            label_of(&opened_a, a),
+            label_of(&opened_b, b)
+        );
+        let (Ok(ra), Ok(rb)) = (opened_a, opened_b) else {
+            return ReplyResult::Refused(Refused {
+                message: format!("A/B {label} refused: a signature does not verify"),
+                hint: Some(
+                    "sign both with a release key listed in the coordinator's release_keys".into(),
+                ),
+                checklist: v.items,
+            });
+        };
+        let lookup = |d: &DeviceId| {
+            self.devices.get(d).map_or_else(
+                || ("unknown".to_owned(), "unknown".to_owned()),
+                |r| (r.info.device_type().to_owned(), r.info.region().to_owned()),
+            )
+        };
+        if !start {
+            let mut waves = crate::waves::WavePlan {
+                canary: v.plan.a.clone(),
+                waves: std::iter::once(v.plan.b.clone())
+                    .chain(v.plan.waves.iter().cloned())
+                    .collect(),
+                uncovered: Vec::new(),
+            }
+            .planned_waves(&lookup);
+            if let [arm_a, arm_b, rest @ ..] = waves.as_mut_slice() {
+                arm_a.name = format!("arm A ({})", ra.label());
+                arm_b.name = format!("arm B ({})", rb.label());
+                for (i, w) in rest.iter_mut().enumerate() {
+                    w.name = format!("wave {} (the promoted arm)", i + 1);
+                }
+            }
+            self.audit_row(
+                now,
+                Actor::Operator(req.operator.clone()),
+                None,
+                None,
+                format!("plan {label}"),
+                format!(
+                    "{} of {} checklist items passed",
+                    v.items.len() - v.failed().len(),
+                    v.items.len()
+                ),
+            );
+            let mut excluded = v.targets.excluded.clone();
+            excluded.extend(
+                v.targets
+                    .busy
+                    .iter()
+                    .map(|(d, r)| (d.clone(), format!("in unfinished rollout {r}"))),
+            );
+            return Driver::accepted(ReplyBody::Plan(Plan {
+                release: label,
+                checklist: v.items.clone(),
+                waves,
+                excluded,
+            }));
+        }
+        if !v.ok() {
+            let failed: Vec<String> = v.failed().iter().map(|i| i.name.clone()).collect();
+            self.audit_row(
+                now,
+                Actor::Operator(req.operator.clone()),
+                None,
+                None,
+                format!("start {label}"),
+                format!("refused: checklist failed: {}", failed.join(", ")),
+            );
+            return ReplyResult::Refused(Refused {
+                message: format!(
+                    "A/B rollout of {label} refused: {} of {} checklist items failed: {}",
+                    failed.len(),
+                    v.items.len(),
+                    failed.join("; ")
+                ),
+                hint: Some("fix each failed item (see its fix), then start again; `fleetctl plan A.toml --versus B.toml` re-checks without deploying".into()),
+                checklist: v.items,
+            });
+        }
+        let id = match RolloutId::new(format!("r-{}", self.next_rollout)) {
+            Ok(id) => id,
+            Err(e) => return Driver::refused(format!("cannot name the rollout: {e}"), None),
+        };
+        self.next_rollout += 1;
+        let targets: BTreeMap<DeviceId, &DeviceInfo> = v
+            .plan
+            .a
+            .iter()
+            .chain(&v.plan.b)
+            .chain(v.plan.waves.iter().flatten())
+            .filter_map(|d| self.devices.get(d).map(|r| (d.clone(), &r.info)))
+            .collect();
+        let (r, actions) = engine::create_ab(
+            id.clone(),
+            (a.digest(), ra),
+            (b.digest(), rb),
+            &req.operator,
+            &v.plan,
+            &targets,
+            self.settings.clone(),
+            now,
+        );
+        for d in r.devices.keys() {
+            self.by_device.insert(d.clone(), id.clone());
+            if let Some(row) = self.devices.get_mut(d) {
+                row.info.rollout = Some(id.clone());
+                self.dirty_devices.insert(d.clone());
+            }
+        }
+        let state = r.state_block(now);
+        self.rollouts.insert(id.clone(), r);
+        self.touched.insert(id.clone());
+        self.execute(&id, actions, now);
+        info!(rollout = %id, operator = %req.operator, "A/B rollout started");
         Driver::accepted(ReplyBody::Started(state))
     }
 

@@ -18,7 +18,8 @@ use fleet_proto::device::{OutcomeKind, RollbackReason};
 use fleet_proto::hex::Sha256;
 use fleet_proto::release::{Approval, Release};
 use fleet_proto::rollout::{
-    FailurePattern, Phase, RolloutState, RolloutStatus, Verdict, WaveCursor, WaveState,
+    Arm, ArmState, FailurePattern, Phase, RolloutState, RolloutStatus, Verdict, WaveCursor,
+    WaveState,
 };
 use fleet_proto::{DeviceId, RolloutId, UnixMillis};
 use serde::{Deserialize, Serialize};
@@ -102,6 +103,9 @@ pub struct Assignment {
     /// Quarantined by an operator during the rollout: never sent this release again.
     #[serde(default)]
     pub quarantined: bool,
+    /// Strategy `ab`: the arm the device was planned into (`None`: the winner's waves).
+    #[serde(default)]
+    pub arm: Option<Arm>,
     /// Latest health sample; not persisted (refilled by the next heartbeat).
     #[serde(skip)]
     pub latest: Option<Sample>,
@@ -131,6 +135,7 @@ impl Assignment {
             failure: None,
             catch_up: false,
             quarantined: false,
+            arm: None,
             latest: None,
         }
     }
@@ -224,12 +229,63 @@ pub struct Rollout {
     pub settings: Settings,
     /// Healthy deployed devices (kept incrementally).
     pub healthy: u32,
+    /// Strategy `ab`: release B and both arms' evidence (`None` for every other strategy).
+    #[serde(default)]
+    pub ab: Option<Ab>,
     /// Persisted separately, one row per device.
     #[serde(skip)]
     pub devices: BTreeMap<DeviceId, Assignment>,
     /// Devices whose assignment changed since the driver last persisted.
     #[serde(skip)]
     pub dirty: BTreeSet<DeviceId>,
+}
+
+/// Strategy `ab`: the second release and what each arm showed.
+///
+/// Design: the arms are wave 0, soaked for the observation window; each arm is gated on its own
+/// (the usual triggers, against the baseline or the not-yet-updated control). A failed arm is
+/// rolled back alone and the observation goes on with the other, which is the only one that
+/// may then be promoted; both failed halts the rollout. After the window the rollout waits
+/// for `promote` (never automatic, whatever `approval` says: choosing is the operator's call).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Ab {
+    pub b_digest: Sha256,
+    pub b_release: Release,
+    pub a: ArmRun,
+    pub b: ArmRun,
+    pub winner: Option<Arm>,
+}
+
+impl Ab {
+    pub fn arm(&self, arm: Arm) -> &ArmRun {
+        match arm {
+            Arm::A => &self.a,
+            Arm::B => &self.b,
+        }
+    }
+
+    fn arm_mut(&mut self, arm: Arm) -> &mut ArmRun {
+        match arm {
+            Arm::A => &mut self.a,
+            Arm::B => &mut self.b,
+        }
+    }
+}
+
+/// One arm's counts and evidence over the observation window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ArmRun {
+    pub size: u32,
+    pub agg: Agg,
+    pub sent: u32,
+    pub deployed: u32,
+    pub failed: u32,
+    pub unreachable: u32,
+    pub installing: u32,
+    pub max_restarts: u32,
+    pub verdict: Option<Verdict>,
+    /// Why the arm was rolled back.
+    pub rolled_back: Option<String>,
 }
 
 /// What happens to a rollout.
@@ -278,6 +334,8 @@ pub enum OperatorCommand {
     Resume,
     Abort,
     Rollback,
+    /// Strategy `ab`: the arm that rolls out to every other target.
+    Promote(Arm),
 }
 
 impl OperatorCommand {
@@ -288,6 +346,7 @@ impl OperatorCommand {
             OperatorCommand::Resume => "resume",
             OperatorCommand::Abort => "abort",
             OperatorCommand::Rollback => "rollback",
+            OperatorCommand::Promote(_) => "promote",
         }
     }
 }
@@ -357,6 +416,105 @@ pub fn create(
     settings: Settings,
     now: UnixMillis,
 ) -> (Rollout, Vec<Action>) {
+    let mut r = build(id, digest, release, operator, plan, devices, settings, now);
+    let mut out = Vec::new();
+    out.push(Action::Audit {
+        actor: Actor::Operator(operator.to_owned()),
+        device: None,
+        action: "start".into(),
+        outcome: format!(
+            "started {} on {} devices ({} canary, {} waves)",
+            r.release.label(),
+            r.devices.len(),
+            plan.canary.len(),
+            plan.waves.len()
+        ),
+    });
+    r.start_wave(0, now, "checklist passed", &mut out);
+    (r, out)
+}
+
+/// Starts an A/B rollout whose checklist passed: both arms are wave 0 (soaked for the
+/// observation window), the rest of the targets wait in the winner's waves.
+#[allow(clippy::too_many_arguments)]
+pub fn create_ab(
+    id: RolloutId,
+    a: (Sha256, Release),
+    b: (Sha256, Release),
+    operator: &str,
+    plan: &crate::ab::AbPlan,
+    devices: &BTreeMap<DeviceId, &DeviceInfo>,
+    settings: Settings,
+    now: UnixMillis,
+) -> (Rollout, Vec<Action>) {
+    let mut arms: Vec<DeviceId> = plan.a.iter().chain(&plan.b).cloned().collect();
+    arms.sort();
+    let mut waves = plan.waves.clone();
+    if waves.is_empty() {
+        // The losing arm's devices go to the winner in wave 1, even when the arms were the
+        // whole fleet.
+        waves.push(Vec::new());
+    }
+    let wave_plan = WavePlan {
+        canary: arms,
+        waves,
+        uncovered: Vec::new(),
+    };
+    let (b_digest, b_release) = b;
+    let mut r = build(id, a.0, a.1, operator, &wave_plan, devices, settings, now);
+    r.waves[0].name = "arms".into();
+    let mut ab = Ab {
+        b_digest,
+        b_release,
+        a: ArmRun::default(),
+        b: ArmRun::default(),
+        winner: None,
+    };
+    for (arm, list) in [(Arm::A, &plan.a), (Arm::B, &plan.b)] {
+        for d in list {
+            if let Some(x) = r.devices.get_mut(d) {
+                x.arm = Some(arm);
+                if arm == Arm::B
+                    && let Some(info) = devices.get(d)
+                {
+                    x.retry = crate::waves::retry_for(info, &ab.b_release.version);
+                }
+                ab.arm_mut(arm).size += 1;
+            }
+        }
+    }
+    r.ab = Some(ab);
+    let mut out = vec![Action::Audit {
+        actor: Actor::Operator(operator.to_owned()),
+        device: None,
+        action: "start".into(),
+        outcome: format!(
+            "started A/B of {} (arm A, {} devices) vs {} (arm B, {} devices) on {} devices; the rest ({} waves) waits for a promotion",
+            r.release.label(),
+            plan.a.len(),
+            r.ab.as_ref()
+                .map_or_else(String::new, |ab| ab.b_release.label()),
+            plan.b.len(),
+            r.devices.len(),
+            r.waves.len() - 1
+        ),
+    }];
+    r.start_wave(0, now, "checklist passed", &mut out);
+    (r, out)
+}
+
+/// The rollout with its assignments, before anything is sent.
+#[allow(clippy::too_many_arguments)]
+fn build(
+    id: RolloutId,
+    digest: Sha256,
+    release: Release,
+    operator: &str,
+    plan: &WavePlan,
+    devices: &BTreeMap<DeviceId, &DeviceInfo>,
+    settings: Settings,
+    now: UnixMillis,
+) -> Rollout {
     let mut assignments = BTreeMap::new();
     let mut waves = vec![Wave::new(
         "canary".into(),
@@ -387,7 +545,7 @@ pub fn create(
             .filter_map(|d| devices.get(d).and_then(|i| i.health.as_ref())),
     );
     let dirty = assignments.keys().cloned().collect();
-    let mut r = Rollout {
+    Rollout {
         id,
         digest,
         release,
@@ -410,24 +568,10 @@ pub fn create(
         failed_devices: Vec::new(),
         settings,
         healthy: 0,
+        ab: None,
         devices: assignments,
         dirty,
-    };
-    let mut out = Vec::new();
-    out.push(Action::Audit {
-        actor: Actor::Operator(operator.to_owned()),
-        device: None,
-        action: "start".into(),
-        outcome: format!(
-            "started {} on {} devices ({} canary, {} waves)",
-            r.release.label(),
-            r.devices.len(),
-            plan.canary.len(),
-            plan.waves.len()
-        ),
-    });
-    r.start_wave(0, now, "checklist passed", &mut out);
-    (r, out)
+    }
 }
 
 /// One step of the engine.
@@ -453,8 +597,23 @@ impl Rollout {
         !self.status.is_final() || self.status == RolloutStatus::Completed
     }
 
-    fn release_version(&self) -> &str {
-        &self.release.version
+    /// Strategy `ab` before a promotion: the arms are being observed.
+    pub fn ab_observing(&self) -> bool {
+        self.current == 0 && self.ab.as_ref().is_some_and(|ab| ab.winner.is_none())
+    }
+
+    /// The release of an arm, or (`None`) the one the waves roll out: A until B is promoted.
+    pub fn arm_release(&self, arm: Option<Arm>) -> (Sha256, &Release) {
+        let arm = arm.or_else(|| self.ab.as_ref().and_then(|ab| ab.winner));
+        match (arm, &self.ab) {
+            (Some(Arm::B), Some(ab)) => (ab.b_digest, &ab.b_release),
+            _ => (self.digest, &self.release),
+        }
+    }
+
+    /// The release this device is sent.
+    fn release_of(&self, id: &DeviceId) -> (Sha256, &Release) {
+        self.arm_release(self.devices.get(id).and_then(|a| a.arm))
     }
 
     /// The next instant at which a [`Event::Tick`] can change something.
@@ -503,6 +662,24 @@ impl Rollout {
             DevState::Skipped => w.skipped += 1,
             DevState::Pending | DevState::Reverted => {}
         }
+        if let (Some(arm), 0, Some(ab)) = (a.arm, a.wave, self.ab.as_mut()) {
+            let run = ab.arm_mut(arm);
+            match from {
+                DevState::Sent => run.installing = run.installing.saturating_sub(1),
+                DevState::Deployed => run.deployed = run.deployed.saturating_sub(1),
+                DevState::Failed => run.failed = run.failed.saturating_sub(1),
+                _ => {}
+            }
+            match to {
+                DevState::Sent => {
+                    run.installing += 1;
+                    run.sent += 1;
+                }
+                DevState::Deployed => run.deployed += 1,
+                DevState::Failed => run.failed += 1,
+                _ => {}
+            }
+        }
         if was_healthy != is_healthy {
             if is_healthy {
                 self.healthy += 1;
@@ -528,6 +705,14 @@ impl Rollout {
             w.unreachable += 1;
         } else {
             w.unreachable = w.unreachable.saturating_sub(1);
+        }
+        if let (Some(arm), 0, Some(ab)) = (a.arm, a.wave, self.ab.as_mut()) {
+            let run = ab.arm_mut(arm);
+            if flag {
+                run.unreachable += 1;
+            } else {
+                run.unreachable = run.unreachable.saturating_sub(1);
+            }
         }
         if was_healthy != is_healthy {
             if is_healthy {
@@ -570,12 +755,15 @@ impl Rollout {
         } else {
             self.settings.report_interval
         };
+        let b_digest = self.ab.as_ref().map(|ab| ab.b_digest);
         let Some(a) = self.devices.get_mut(id) else {
             return;
         };
         // A device an operator quarantined keeps what it runs; only a return to its previous
         // release may still be sent to it.
-        if a.quarantined && release == Some(self.digest) {
+        if a.quarantined
+            && (release == Some(self.digest) || (release.is_some() && release == b_digest))
+        {
             return;
         }
         a.sequence += 1;
@@ -599,7 +787,7 @@ impl Rollout {
 
     /// Sends the release to one device.
     fn send(&mut self, id: &DeviceId, now: UnixMillis, out: &mut Vec<Action>) {
-        let digest = self.digest;
+        let digest = self.release_of(id).0;
         let fast = self
             .devices
             .get(id)
@@ -786,14 +974,27 @@ impl Rollout {
                 self.healthy = self.healthy.saturating_sub(1);
             }
         }
-        let runs_release = s.version.as_deref() == Some(self.release_version());
+        let arm = self.devices.get(id).and_then(|a| a.arm);
+        let (_, release) = self.arm_release(arm);
+        let runs_release = s.version.as_deref() == Some(release.version.as_str());
+        let thresholds = release.thresholds.clone();
         let alpha = self.settings.gate.ewma_alpha;
         let cap = self.settings.gate.max_requests_per_sample;
+        // Neither arm's release counts as "not yet updated" for the control group.
+        let runs_an_arm = self.ab.as_ref().is_some_and(|ab| {
+            s.version.as_deref() == Some(ab.b_release.version.as_str())
+                || s.version.as_deref() == Some(self.release.version.as_str())
+        });
         match state {
-            DevState::Pending if !runs_release => self.control.add(s, alpha, cap),
+            DevState::Pending if !runs_release && !runs_an_arm => self.control.add(s, alpha, cap),
             DevState::Deployed | DevState::Sent if runs_release => {
                 self.waves[wave].agg.add(s, alpha, cap);
                 self.fleet.add(s, alpha, cap);
+                if let (Some(arm), 0, Some(ab)) = (arm, wave, self.ab.as_mut()) {
+                    let run = ab.arm_mut(arm);
+                    run.agg.add(s, alpha, cap);
+                    run.max_restarts = run.max_restarts.max(s.restarts_in_window);
+                }
             }
             _ => {}
         }
@@ -817,7 +1018,7 @@ impl Rollout {
         }
         if runs_release
             && matches!(state, DevState::Deployed | DevState::Sent)
-            && let Some(b) = gate::device_breach(s, &self.release.thresholds)
+            && let Some(b) = gate::device_breach(s, &thresholds)
         {
             self.device_failed(id, b, now, out);
             return;
@@ -825,7 +1026,7 @@ impl Rollout {
         if wave == self.current || state == DevState::Deployed {
             self.evaluate_triggers(now, out);
         }
-        if wave == self.current {
+        if wave == self.current && !self.ab_observing() {
             self.watch_trend(now, out);
         }
     }
@@ -841,13 +1042,14 @@ impl Rollout {
         }
         let catch_up = a.catch_up || self.phase == Phase::Confirm || self.is_final();
         let prev_state = a.state;
+        let arm = if a.wave == 0 { a.arm } else { None };
         self.set_state(id, DevState::Failed);
         if let Some(a) = self.devices.get_mut(id) {
             a.failure = Some(b.detail.clone());
         }
         out.push(Action::Quarantine {
             device: id.clone(),
-            reason: format!("{}: {}", self.release.label(), b.detail),
+            reason: format!("{}: {}", self.release_of(id).1.label(), b.detail),
         });
         if !self.failed_devices.contains(id) {
             self.failed_devices.push(id.clone());
@@ -875,7 +1077,76 @@ impl Rollout {
             trigger: b.trigger,
             detail: format!("device {id}: {}", b.detail),
         };
+        if let Some(arm) = arm.filter(|_| self.ab_observing()) {
+            self.fail_arm(arm, b, now, out);
+            return;
+        }
         self.halt(b, now, out);
+    }
+
+    /// Strategy `ab`: rolls one arm back (its devices return to their previous release) and
+    /// observes on with the other; both arms failed halts the rollout.
+    fn fail_arm(&mut self, arm: Arm, b: Breach, now: UnixMillis, out: &mut Vec<Action>) {
+        let Some(ab) = self.ab.as_mut() else {
+            return self.halt(b, now, out);
+        };
+        if ab.arm(arm).rolled_back.is_some() {
+            return;
+        }
+        let run = ab.arm_mut(arm);
+        run.rolled_back = Some(b.detail.clone());
+        run.verdict = Some(Verdict::Fail);
+        let other_failed = ab.arm(arm.other()).rolled_back.clone();
+        let label = self.arm_release(Some(arm)).1.label();
+        out.push(Action::Fired {
+            trigger: b.trigger.clone(),
+            wave: format!("arm {arm}"),
+            detail: b.detail.clone(),
+        });
+        let targets: Vec<DeviceId> = self
+            .devices
+            .iter()
+            .filter(|(_, a)| {
+                a.arm == Some(arm)
+                    && a.wave == 0
+                    && matches!(a.state, DevState::Sent | DevState::Deployed)
+            })
+            .map(|(d, _)| d.clone())
+            .collect();
+        for id in &targets {
+            self.revert_one(id, out);
+        }
+        out.push(Action::Audit {
+            actor: Actor::Coordinator,
+            device: None,
+            action: format!("rollback arm {arm} ({})", b.trigger.as_str()),
+            outcome: format!(
+                "{label}: {} ({} devices returned to their previous release)",
+                b.detail,
+                targets.len()
+            ),
+        });
+        if let Some(first) = other_failed {
+            let both = Breach {
+                trigger: b.trigger,
+                detail: format!(
+                    "both arms failed: arm {} ({first}), arm {arm} ({})",
+                    arm.other(),
+                    b.detail
+                ),
+            };
+            self.halt(both, now, out);
+            return;
+        }
+        let other = arm.other();
+        self.last_action = format!(
+            "arm {arm} ({label}) rolled back: {}; arm {other} is still observed",
+            b.detail
+        );
+        self.blockers = vec![format!(
+            "arm {arm} rolled back ({} trigger): only arm {other} can be promoted",
+            b.trigger.as_str()
+        )];
     }
 
     fn on_reported(
@@ -886,6 +1157,10 @@ impl Rollout {
         now: UnixMillis,
         out: &mut Vec<Action>,
     ) {
+        let (digest, label) = {
+            let (d, r) = self.release_of(id);
+            (d, r.label())
+        };
         let Some(a) = self.devices.get_mut(id) else {
             return;
         };
@@ -908,13 +1183,13 @@ impl Rollout {
             return;
         }
         match &o.kind {
-            OutcomeKind::Committed if active == Some(self.digest) => {
+            OutcomeKind::Committed if active == Some(digest) => {
                 self.set_state(id, DevState::Deployed);
                 out.push(Action::Audit {
                     actor: Actor::Device(id.clone()),
                     device: Some(id.clone()),
                     action: "committed".into(),
-                    outcome: format!("runs {}", self.release.label()),
+                    outcome: format!("runs {label}"),
                 });
                 if self.is_final() {
                     return;
@@ -940,7 +1215,7 @@ impl Rollout {
                     }
                     out.push(Action::Quarantine {
                         device: id.clone(),
-                        reason: format!("{}: {}", self.release.label(), b.detail),
+                        reason: format!("{label}: {}", b.detail),
                     });
                     return;
                 }
@@ -961,7 +1236,7 @@ impl Rollout {
                 }
                 out.push(Action::Quarantine {
                     device: id.clone(),
-                    reason: format!("{}: {detail}", self.release.label()),
+                    reason: format!("{label}: {detail}"),
                 });
                 if self.is_final() {
                     return;
@@ -1057,6 +1332,10 @@ impl Rollout {
         if self.is_final() || self.phase == Phase::Prepare {
             return;
         }
+        if self.ab_observing() {
+            self.evaluate_arms(now, out);
+            return;
+        }
         let r = self.reference();
         let t = &self.release.thresholds;
         let s = &self.settings.gate;
@@ -1079,6 +1358,176 @@ impl Rollout {
         if let Some(b) = gate::fleet_breach(&self.fleet, &r, t, s) {
             self.rollback_fleet(b, now, out);
         }
+    }
+
+    /// Strategy `ab`: each arm's own triggers. Design: the fleet-wide trigger waits for the
+    /// promotion, since both arms together are not one release's fleet; an arm bad enough for
+    /// it crosses its own (smaller) error-rate trigger first.
+    fn evaluate_arms(&mut self, now: UnixMillis, out: &mut Vec<Action>) {
+        let r = self.reference();
+        for arm in [Arm::A, Arm::B] {
+            let Some(ab) = &self.ab else { return };
+            let run = ab.arm(arm);
+            if run.rolled_back.is_some() {
+                continue;
+            }
+            let t = &self.arm_release(Some(arm)).1.thresholds;
+            if let Some(b) = gate::breach(
+                &run.agg,
+                u64::from(run.sent),
+                u64::from(run.unreachable),
+                u64::from(run.failed),
+                &r,
+                t,
+                &self.settings.gate,
+            ) {
+                let b = Breach {
+                    trigger: b.trigger,
+                    detail: format!("arm {arm}: {}", b.detail),
+                };
+                self.fail_arm(arm, b, now, out);
+                if self.is_final() {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Strategy `ab`: the observation window ended; record each arm's verdict and wait for an
+    /// operator to promote one.
+    fn observation_ended(&mut self, now: UnixMillis, out: &mut Vec<Action>) {
+        let r = self.reference();
+        let mut notes = Vec::new();
+        for arm in [Arm::A, Arm::B] {
+            let (_, release) = self.arm_release(Some(arm));
+            let (label, t) = (release.label(), release.thresholds.clone());
+            let Some(ab) = self.ab.as_mut() else { return };
+            let run = ab.arm_mut(arm);
+            if let Some(why) = &run.rolled_back {
+                notes.push(format!("arm {arm} ({label}) rolled back: {why}"));
+                continue;
+            }
+            let (v, why) = gate::verdict(
+                &run.agg,
+                u64::from(run.installing),
+                &r,
+                &t,
+                &self.settings.gate,
+            );
+            run.verdict = Some(match v {
+                GateVerdict::Pass => Verdict::Pass,
+                GateVerdict::Inconclusive => Verdict::Inconclusive,
+            });
+            let word = match v {
+                GateVerdict::Pass => "pass",
+                GateVerdict::Inconclusive => "inconclusive",
+            };
+            notes.push(format!("arm {arm} ({label}) {word}: {why}"));
+        }
+        let id = self.id.clone();
+        let promotable: Vec<String> = [Arm::A, Arm::B]
+            .into_iter()
+            .filter(|a| {
+                self.ab
+                    .as_ref()
+                    .is_some_and(|ab| ab.arm(*a).rolled_back.is_none())
+            })
+            .map(|a| a.to_string())
+            .collect();
+        self.waves[0].verdict = Some(Verdict::Pass);
+        self.last_action = format!("observation window ended: {}", notes.join("; "));
+        self.next_action = format!(
+            "`fleetctl report {id}` compares the arms; `fleetctl rollout promote {id} {}` rolls the winner out to every other target",
+            promotable.join("|")
+        );
+        self.blockers.push(format!(
+            "awaiting promotion of arm {}",
+            promotable.join(" or ")
+        ));
+        out.push(Action::Audit {
+            actor: Actor::Coordinator,
+            device: None,
+            action: "observation ended".into(),
+            outcome: self.last_action.clone(),
+        });
+        let last = self.last_action.clone();
+        self.transition(Phase::Verify, RolloutStatus::AwaitingApproval, &last, out);
+        let _ = now;
+    }
+
+    /// Strategy `ab`: `arm` wins. Its devices keep it; the other arm's devices join wave 1
+    /// and get the winner (or, when the winner's counter is below the loser's, which their
+    /// agents would refuse, return to their previous release and are left out); the waves
+    /// start at once, canary-rolling from here on.
+    fn promote(&mut self, operator: &str, arm: Arm, now: UnixMillis, out: &mut Vec<Action>) {
+        let loser = arm.other();
+        let (w_label, w_counter) = {
+            let r = self.arm_release(Some(arm)).1;
+            (r.label(), r.counter)
+        };
+        let (l_label, l_counter) = {
+            let r = self.arm_release(Some(loser)).1;
+            (r.label(), r.counter)
+        };
+        if let Some(ab) = self.ab.as_mut() {
+            ab.winner = Some(arm);
+        }
+        let losers: Vec<DeviceId> = self
+            .devices
+            .iter()
+            .filter(|(_, a)| a.arm == Some(loser) && a.wave == 0 && a.state != DevState::Failed)
+            .map(|(d, _)| d.clone())
+            .collect();
+        let reachable = w_counter > l_counter;
+        let mut moved = 0usize;
+        let mut left = 0usize;
+        for id in &losers {
+            let state = self.devices.get(id).map(|a| a.state);
+            let touched = matches!(
+                state,
+                Some(DevState::Sent | DevState::Deployed | DevState::Reverted)
+            );
+            if touched && !reachable {
+                if matches!(state, Some(DevState::Sent | DevState::Deployed)) {
+                    self.revert_one(id, out);
+                }
+                if let Some(a) = self.devices.get_mut(id) {
+                    a.failure = Some(format!(
+                        "ran the losing arm's {l_label}; its agent refuses {w_label} below counter {l_counter}: sign it again with a higher counter to reach this device"
+                    ));
+                }
+                left += 1;
+                continue;
+            }
+            self.set_unreachable(id, false);
+            self.set_state(id, DevState::Pending);
+            if let Some(a) = self.devices.get_mut(id) {
+                a.arm = None;
+                a.wave = 1;
+                a.failure = None;
+            }
+            self.waves[0].size = self.waves[0].size.saturating_sub(1);
+            self.waves[1].size += 1;
+            moved += 1;
+        }
+        self.recount();
+        out.push(Action::Audit {
+            actor: Actor::Operator(operator.to_owned()),
+            device: None,
+            action: "promote".into(),
+            outcome: format!(
+                "promoted arm {arm} ({w_label}) over arm {loser} ({l_label}); {moved} devices of arm {loser} join wave 1{}",
+                if left > 0 {
+                    format!(
+                        ", {left} returned to their previous release (counter {l_counter} is above {w_counter})"
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        });
+        self.blockers.clear();
+        self.next_wave(now, &format!("arm {arm} promoted by {operator}"), out);
     }
 
     /// A worsening trend during a soak extends it (once) and asks the wave for fast reports.
@@ -1117,9 +1566,9 @@ impl Rollout {
 
     /// Publishes the wave's desired state again with the given report interval.
     fn republish_wave(&mut self, i: usize, fast: bool, out: &mut Vec<Action>) {
-        let digest = self.digest;
         for id in self.wave_devices(i) {
             let state = self.devices.get(&id).map(|a| a.state);
+            let digest = self.release_of(&id).0;
             if matches!(state, Some(DevState::Sent | DevState::Deployed)) {
                 self.desire(&id, Some(digest), fast, out);
             }
@@ -1135,6 +1584,10 @@ impl Rollout {
         let w = &self.waves[i];
         let Some(until) = w.soak_until else { return };
         if now < until {
+            return;
+        }
+        if self.ab_observing() {
+            self.observation_ended(now, out);
             return;
         }
         if self.phase == Phase::Confirm {
@@ -1499,6 +1952,76 @@ impl Rollout {
             });
         };
         match command {
+            OperatorCommand::Approve if self.ab_observing() => refuse(
+                out,
+                format!(
+                    "rollout {id} is an A/B rollout: it is not approved, one of its arms is promoted"
+                ),
+                Some(format!(
+                    "`fleetctl report {id}` compares the arms; `fleetctl rollout promote {id} A|B` once the observation window ended"
+                )),
+            ),
+            OperatorCommand::Promote(arm) => {
+                let Some(ab) = &self.ab else {
+                    return refuse(
+                        out,
+                        format!(
+                            "rollout {id} uses strategy {}, not ab: it has no arms to promote",
+                            self.release.strategy.kind
+                        ),
+                        Some(format!(
+                            "`fleetctl rollout approve {id}` continues a rollout that awaits approval"
+                        )),
+                    );
+                };
+                if let Some(w) = ab.winner {
+                    return refuse(
+                        out,
+                        format!("rollout {id} already promoted arm {w}"),
+                        Some(format!("`fleetctl rollout status {id}` shows its waves")),
+                    );
+                }
+                if let Some(why) = &ab.arm(arm).rolled_back {
+                    return refuse(
+                        out,
+                        format!(
+                            "arm {arm} of rollout {id} was rolled back and cannot be promoted: {why}"
+                        ),
+                        Some(format!(
+                            "promote arm {} or `fleetctl rollout rollback {id}`",
+                            arm.other()
+                        )),
+                    );
+                }
+                if status != RolloutStatus::AwaitingApproval {
+                    let (message, hint) = if self.is_final() {
+                        (
+                            format!("rollout {id} is {status}: nothing to promote"),
+                            None,
+                        )
+                    } else if status == RolloutStatus::Paused {
+                        (
+                            format!("rollout {id} is paused"),
+                            Some(format!("`fleetctl rollout resume {id}` first")),
+                        )
+                    } else {
+                        (
+                            format!(
+                                "rollout {id} is still observing its arms{}: promote after the observation window ends",
+                                self.waves[0].soak_until.map_or_else(
+                                    || " (installing)".to_owned(),
+                                    |u| format!(" until {u}")
+                                )
+                            ),
+                            Some(format!(
+                                "`fleetctl rollout status {id}` shows the window; `fleetctl report {id}` compares the arms so far"
+                            )),
+                        )
+                    };
+                    return refuse(out, message, hint);
+                }
+                self.promote(operator, arm, now, out);
+            }
             OperatorCommand::Approve => {
                 if status != RolloutStatus::AwaitingApproval {
                     let hint = if status == RolloutStatus::Paused {
@@ -1655,6 +2178,7 @@ impl Rollout {
             failed_devices: Vec::new(),
             settings: self.settings.clone(),
             healthy: 0,
+            ab: self.ab.clone(),
             devices: BTreeMap::new(),
             dirty: BTreeSet::new(),
         }
@@ -1672,7 +2196,41 @@ impl Rollout {
                 w.installing,
             ) = (0, 0, 0, 0, 0, 0);
         }
-        self.healthy = 0;
+        self.healthy = self.devices.values().filter(|a| a.healthy()).count() as u32;
+        if let Some(ab) = self.ab.as_mut() {
+            for run in [&mut ab.a, &mut ab.b] {
+                (
+                    run.sent,
+                    run.deployed,
+                    run.failed,
+                    run.unreachable,
+                    run.installing,
+                ) = (0, 0, 0, 0, 0);
+            }
+            for a in self.devices.values().filter(|a| a.wave == 0) {
+                let Some(arm) = a.arm else { continue };
+                let run = ab.arm_mut(arm);
+                match a.state {
+                    DevState::Sent => {
+                        run.installing += 1;
+                        run.sent += 1;
+                    }
+                    DevState::Deployed => {
+                        run.deployed += 1;
+                        run.sent += 1;
+                    }
+                    DevState::Failed => {
+                        run.failed += 1;
+                        run.sent += 1;
+                    }
+                    DevState::Reverted => run.sent += 1,
+                    DevState::Skipped | DevState::Pending => {}
+                }
+                if a.unreachable {
+                    run.unreachable += 1;
+                }
+            }
+        }
         for a in self.devices.values() {
             let Some(w) = self.waves.get_mut(a.wave as usize) else {
                 continue;
@@ -1724,7 +2282,16 @@ impl Rollout {
             phase: self.phase,
             status: self.status,
             strategy: self.release.strategy.kind,
-            artifact: format!("{} {}", self.release.name, self.release.version),
+            artifact: match &self.ab {
+                Some(ab) if ab.winner.is_none() => format!(
+                    "{} {} (A) vs {} (B)",
+                    self.release.name, self.release.version, ab.b_release.version
+                ),
+                _ => {
+                    let r = self.arm_release(None).1;
+                    format!("{} {}", r.name, r.version)
+                }
+            },
             fleet_total: self.devices.len() as u32,
             deployed_count: self.deployed(),
             healthy_count: self.healthy,
@@ -1762,6 +2329,39 @@ impl Rollout {
                 })
                 .collect(),
             updated_at: now,
+            arms: self.arm_states(),
         }
+    }
+
+    /// Strategy `ab`: each arm in the state block.
+    fn arm_states(&self) -> Vec<ArmState> {
+        let Some(ab) = &self.ab else {
+            return Vec::new();
+        };
+        [Arm::A, Arm::B]
+            .into_iter()
+            .map(|arm| {
+                let run = ab.arm(arm);
+                let status = match (&run.rolled_back, ab.winner) {
+                    (Some(why), _) => format!("rolled back: {why}"),
+                    (None, Some(w)) if w == arm => "promoted".to_owned(),
+                    (None, Some(_)) => "not promoted".to_owned(),
+                    (None, None) => "observing".to_owned(),
+                };
+                ArmState {
+                    arm,
+                    release: self.arm_release(Some(arm)).1.label(),
+                    devices: run.size,
+                    deployed: run.deployed,
+                    healthy: self
+                        .devices
+                        .values()
+                        .filter(|a| a.arm == Some(arm) && a.wave == 0 && a.healthy())
+                        .count() as u32,
+                    failed: run.failed,
+                    status,
+                }
+            })
+            .collect()
     }
 }

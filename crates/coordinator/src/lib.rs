@@ -7,6 +7,7 @@
 //! - [`gate`]: Wilson bounds, triggers, the gate verdict, trend detection.
 //! - [`waves`]: target selection, canary selection, percentage waves.
 //! - [`checklist`]: the pre-deployment checklist against the registry.
+//! - [`ab`]: strategy `ab`: the arms' plan, the pair's checklist items, difference intervals.
 //! - [`engine`]: one rollout's lifecycle, `(state, event, now) -> (state, actions)`.
 //! - [`report`]: the deployment report and its Markdown.
 //! - [`model`]: what the core knows about a device.
@@ -28,6 +29,7 @@
 //! - [`metrics`]: counters behind `/metrics`.
 //! - `testkit`: signed test releases, test fleets, and a virtual-time fleet over the engine.
 
+pub mod ab;
 pub mod auth;
 pub mod baseline;
 pub mod broker;

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use fleet_proto::UnixMillis;
-use fleet_proto::rollout::{MetricDelta, Report, Verdict, WaveReport};
+use fleet_proto::rollout::{
+    AbReport, Arm, ArmReport, Interval, MetricDelta, Report, Verdict, WaveReport,
+};
 
 use crate::baseline::Agg;
 use crate::engine::{DevState, Rollout};
@@ -75,9 +77,173 @@ pub fn build(r: &Rollout, now: UnixMillis) -> Report {
         failed_by_type,
         failed_devices: r.failed_devices.clone(),
         markdown: String::new(),
+        ab: ab_report(r),
     };
     report.markdown = markdown(&report, r, now);
+    if let Some(ab) = &report.ab {
+        report.markdown.push_str(&ab_markdown(ab));
+    }
     report
+}
+
+/// Strategy `ab`: each arm's metrics over its observation window, and B − A.
+fn ab_report(r: &Rollout) -> Option<AbReport> {
+    let ab = r.ab.as_ref()?;
+    let z = r.settings.gate.z;
+    let arms: Vec<ArmReport> = [Arm::A, Arm::B]
+        .into_iter()
+        .map(|arm| {
+            let run = ab.arm(arm);
+            let agg = &run.agg;
+            ArmReport {
+                arm,
+                release: r.arm_release(Some(arm)).1.label(),
+                devices: run.size,
+                deployed: run.deployed,
+                failed: run.failed,
+                rolled_back: run.rolled_back.clone(),
+                verdict: run.verdict.clone(),
+                samples: agg.n,
+                requests: agg.w_err,
+                error_rate: agg.error_rate().map(|p| {
+                    let (low, high) = crate::gate::wilson(p, agg.w_err, z);
+                    Interval {
+                        value: p,
+                        low,
+                        high,
+                    }
+                }),
+                p95_ms: agg.p95_ms(),
+                cpu_pct: agg.cpu_pct(),
+                memory_pct: agg.memory_pct(),
+                max_restarts: run.max_restarts,
+            }
+        })
+        .collect();
+    let error_rate_diff = match (ab.a.agg.error_rate(), ab.b.agg.error_rate()) {
+        (Some(pa), Some(pb)) => Some(crate::ab::difference(
+            (pa, ab.a.agg.w_err),
+            (pb, ab.b.agg.w_err),
+            z,
+        )),
+        _ => None,
+    };
+    let p95_diff_ms = match (ab.a.agg.p95_ms(), ab.b.agg.p95_ms()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    Some(AbReport {
+        arms,
+        error_rate_diff,
+        p95_diff_ms,
+        // Two-sided level of the one-sided quantile the gates use.
+        confidence_pct: (2.0 * normal_cdf(z) - 1.0) * 100.0,
+        winner: ab.winner,
+    })
+}
+
+/// Φ(x) (Abramowitz–Stegun 7.1.26 through erf; ample for a label).
+fn normal_cdf(x: f64) -> f64 {
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs() / std::f64::consts::SQRT_2);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let erf = 1.0 - poly * (-(x * x) / 2.0).exp();
+    if x >= 0.0 {
+        0.5 * (1.0 + erf)
+    } else {
+        0.5 * (1.0 - erf)
+    }
+}
+
+fn ab_markdown(ab: &AbReport) -> String {
+    let mut m = String::new();
+    let ci = ab.confidence_pct.round();
+    let _ = writeln!(m);
+    let _ = writeln!(m, "## A/B arms");
+    let _ = writeln!(m);
+    let (a, b) = (&ab.arms[0], &ab.arms[1]);
+    let _ = writeln!(m, "| metric | arm A | arm B |");
+    let _ = writeln!(m, "|---|---|---|");
+    let row = |m: &mut String, name: &str, f: &dyn Fn(&ArmReport) -> String| {
+        let _ = writeln!(m, "| {name} | {} | {} |", f(a), f(b));
+    };
+    let opt = |v: Option<f64>, unit: &str, digits: usize| {
+        v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.digits$}{unit}"))
+    };
+    row(&mut m, "release", &|x| x.release.clone());
+    row(&mut m, "devices (deployed / failed)", &|x| {
+        format!("{} ({} / {})", x.devices, x.deployed, x.failed)
+    });
+    row(&mut m, &format!("error rate ({ci:.0} % CI)"), &|x| {
+        x.error_rate.map_or_else(
+            || "n/a".to_owned(),
+            |e| {
+                format!(
+                    "{:.2} % [{:.2}, {:.2}]",
+                    e.value * 100.0,
+                    e.low * 100.0,
+                    e.high * 100.0
+                )
+            },
+        )
+    });
+    row(&mut m, "evidence", &|x| {
+        format!("{} samples, {:.0} requests", x.samples, x.requests)
+    });
+    row(&mut m, "p95 latency", &|x| opt(x.p95_ms, " ms", 0));
+    row(&mut m, "cpu", &|x| opt(x.cpu_pct, " %", 1));
+    row(&mut m, "memory", &|x| opt(x.memory_pct, " %", 1));
+    row(&mut m, "restarts (most in window)", &|x| {
+        x.max_restarts.to_string()
+    });
+    row(&mut m, "verdict", &|x| match (&x.rolled_back, &x.verdict) {
+        (Some(why), _) => format!("rolled back: {why}"),
+        (None, Some(v)) => verdict_word(Some(v)).to_owned(),
+        (None, None) => "observing".to_owned(),
+    });
+    let _ = writeln!(m);
+    match &ab.error_rate_diff {
+        Some(d) => {
+            let _ = writeln!(
+                m,
+                "Error rate B − A: {:+.2} pts [{:+.2}, {:+.2}] ({ci:.0} % CI, Newcombe){}",
+                d.value * 100.0,
+                d.low * 100.0,
+                d.high * 100.0,
+                if d.low > 0.0 {
+                    ": B is worse"
+                } else if d.high < 0.0 {
+                    ": B is better"
+                } else {
+                    ": no significant difference"
+                }
+            );
+        }
+        None => {
+            let _ = writeln!(m, "Error rate B − A: n/a (an arm has no error rate yet)");
+        }
+    }
+    if let Some(d) = ab.p95_diff_ms {
+        let _ = writeln!(m, "p95 B − A: {d:+.0} ms");
+    }
+    let _ = writeln!(
+        m,
+        "Winner: {}",
+        ab.winner
+            .map_or_else(|| "none yet".to_owned(), |w| format!("arm {w} (promoted)"))
+    );
+    m
+}
+
+fn verdict_word(v: Option<&Verdict>) -> &'static str {
+    match v {
+        Some(Verdict::Pass) => "pass",
+        Some(Verdict::Inconclusive) => "inconclusive",
+        Some(Verdict::Fail) => "fail",
+        None => "-",
+    }
 }
 
 fn fmt_metric(name: &str, v: Option<f64>) -> String {

@@ -210,6 +210,24 @@ pub fn plan(eligible: &[&DeviceInfo], canary_percent: f64, waves: &[u8]) -> Wave
     }
 }
 
+/// Splits `devices` into waves at cumulative percentages, stratified like [`plan`]'s waves.
+pub fn split(devices: Vec<&DeviceInfo>, waves: &[u8]) -> Vec<Vec<DeviceId>> {
+    let rest = stratified(devices);
+    let total = rest.len();
+    let mut planned = Vec::new();
+    let mut start = 0usize;
+    for &pct in waves {
+        let end = ((total as f64 * f64::from(pct) / 100.0).ceil() as usize).min(total);
+        if end > start {
+            let mut wave: Vec<DeviceId> = rest[start..end].iter().map(|d| d.id.clone()).collect();
+            wave.sort();
+            planned.push(wave);
+            start = end;
+        }
+    }
+    planned
+}
+
 /// Orders devices so that every prefix of the list holds each (hardware type, region) stratum
 /// in proportion to its size: cutting it at the wave percentages gives each wave a
 /// representative mix, instead of one wave of rpi4s and the next of gateways.

@@ -81,6 +81,9 @@ pub enum Cmd {
     Plan {
         /// A signed release (.release), or a manifest (.toml) signed beside it
         manifest: PathBuf,
+        /// Strategy ab: the release to compare with (arm B; MANIFEST is arm A)
+        #[arg(long, value_name = "MANIFEST")]
+        versus: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -149,6 +152,9 @@ pub enum RolloutCmd {
     /// Start a rollout; refused when any checklist item fails
     Start {
         manifest: PathBuf,
+        /// Strategy ab: the release to compare with (arm B; MANIFEST is arm A)
+        #[arg(long, value_name = "MANIFEST")]
+        versus: Option<PathBuf>,
         #[arg(long)]
         json: bool,
         /// Keep watching until the rollout ends (like `rollout watch`)
@@ -157,6 +163,12 @@ pub enum RolloutCmd {
     },
     /// Approve the waves after the canary passed
     Approve { rollout: RolloutId },
+    /// Strategy ab: roll arm A or B out to every other target once the observation ended
+    Promote {
+        rollout: RolloutId,
+        /// A or B
+        arm: fleet_proto::rollout::Arm,
+    },
     /// Hold the rollout where it is: no new wave starts, gates keep watching
     Pause { rollout: RolloutId },
     /// Continue a paused rollout

@@ -283,10 +283,21 @@ async fn run(cli: Cli) -> anyhow::Result<Exit> {
             }
             Ok(Exit::Ok)
         }
-        Cmd::Plan { manifest, json } => {
+        Cmd::Plan {
+            manifest,
+            versus,
+            json,
+        } => {
             let release = sign::for_rollout(&manifest)?;
+            let command = match versus {
+                Some(b) => Command::PlanAb {
+                    a: release,
+                    b: sign::for_rollout(&b)?,
+                },
+                None => Command::Plan { release },
+            };
             let mut link = connect(&cli.global).await?;
-            let body = ask(&mut link, Command::Plan { release }, json).await?;
+            let body = ask(&mut link, command, json).await?;
             link.disconnect().await;
             let ReplyBody::Plan(plan) = body else {
                 return Err(unexpected("a plan request"));
@@ -402,15 +413,24 @@ fn outcome(state: &fleet_proto::rollout::RolloutState) -> anyhow::Result<Exit> {
 async fn rollout(global: &cli::Global, cmd: RolloutCmd) -> anyhow::Result<Exit> {
     // Read and check the manifest before touching the network.
     let start = match &cmd {
-        RolloutCmd::Start { manifest, .. } => Some(sign::for_rollout(manifest)?),
+        RolloutCmd::Start {
+            manifest, versus, ..
+        } => Some((
+            sign::for_rollout(manifest)?,
+            versus.as_deref().map(sign::for_rollout).transpose()?,
+        )),
         _ => None,
     };
     let mut link = connect(global).await?;
     let tty = std::io::stdout().is_terminal();
     let result = match cmd {
         RolloutCmd::Start { json, watch, .. } => {
-            let release = start.expect("read above for Start");
-            let body = ask(&mut link, Command::Start { release }, json).await?;
+            let (release, versus) = start.expect("read above for Start");
+            let command = match versus {
+                Some(b) => Command::StartAb { a: release, b },
+                None => Command::Start { release },
+            };
+            let body = ask(&mut link, command, json).await?;
             let ReplyBody::Started(state) = body else {
                 return Err(unexpected("a start request"));
             };
@@ -429,6 +449,9 @@ async fn rollout(global: &cli::Global, cmd: RolloutCmd) -> anyhow::Result<Exit> 
             }
         }
         RolloutCmd::Approve { rollout } => done(&mut link, Command::Approve { rollout }).await,
+        RolloutCmd::Promote { rollout, arm } => {
+            done(&mut link, Command::Promote { rollout, arm }).await
+        }
         RolloutCmd::Pause { rollout } => done(&mut link, Command::Pause { rollout }).await,
         RolloutCmd::Resume { rollout } => done(&mut link, Command::Resume { rollout }).await,
         RolloutCmd::Abort { rollout } => done(&mut link, Command::Abort { rollout }).await,

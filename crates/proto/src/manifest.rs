@@ -839,7 +839,46 @@ impl Checker {
             }
         };
         let waves = self.waves(&mut s);
-        let canary_soak = self.duration(&mut s, "canary_soak", Duration::from_secs(15 * 60));
+        let mut canary_soak = self.duration(&mut s, "canary_soak", Duration::from_secs(15 * 60));
+        // Design: strategy `ab` keeps each arm's share in `canary_percent` and the observation
+        // window in `canary_soak` (the arms are the A/B rollout's canary), so `Strategy` and
+        // the signed bytes every agent decodes keep their shape.
+        let ab_percent = self.number(&mut s, "ab_percent");
+        let observation = s
+            .get("observation")
+            .is_some()
+            .then(|| self.duration(&mut s, "observation", canary_soak));
+        let mut canary_percent = canary_percent;
+        if kind == StrategyKind::Ab {
+            canary_percent = match ab_percent {
+                None => 10.0,
+                Some(p) if (1.0..=50.0).contains(&p) => p,
+                Some(p) => {
+                    self.error(
+                        s.field("ab_percent"),
+                        format!(
+                            "each arm's share must be between 1 and 50 % of the targets, got {p}"
+                        ),
+                    );
+                    10.0
+                }
+            };
+            if let Some(o) = observation {
+                canary_soak = o;
+            }
+        } else {
+            for (key, given) in [
+                ("ab_percent", ab_percent.is_some()),
+                ("observation", observation.is_some()),
+            ] {
+                if given {
+                    self.error(
+                        s.field(key),
+                        format!("only for kind = \"ab\" (this strategy is {kind})"),
+                    );
+                }
+            }
+        }
         let wave_soak = self.duration(&mut s, "wave_soak", Duration::from_secs(10 * 60));
         let approval = match self.string(&mut s, "approval") {
             None | Some("manual") => Approval::Manual,

@@ -12,7 +12,7 @@ use crate::frame::{Kind, Message};
 use crate::hex::Hex;
 use crate::ids::{DeviceId, RequestId, RolloutId};
 use crate::release::SignedRelease;
-use crate::rollout::{Report, RolloutState};
+use crate::rollout::{Arm, Report, RolloutState};
 use crate::time::UnixMillis;
 use crate::trust::SignedRotation;
 
@@ -154,6 +154,23 @@ pub enum Command {
     /// keys it pins, stores it and publishes the whole chain, retained, on `fleet/v1/trust`.
     RotateKeys {
         rotation: SignedRotation,
+    },
+    // Appended in issue 9 (strategy `ab`).
+    /// The checklist and both arms of an A/B rollout; deploys nothing.
+    PlanAb {
+        a: SignedRelease,
+        b: SignedRelease,
+    },
+    /// Starts an A/B rollout: `a` and `b` on two disjoint stratified subsets.
+    StartAb {
+        a: SignedRelease,
+        b: SignedRelease,
+    },
+    /// Ends an A/B rollout's observation: `arm` rolls out by canary-rolling to every other
+    /// target (the other arm's devices included); the other arm's release never spreads.
+    Promote {
+        rollout: RolloutId,
+        arm: Arm,
     },
 }
 

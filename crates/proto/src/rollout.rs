@@ -159,6 +159,60 @@ pub struct RolloutState {
     pub blockers: Vec<String>,
     pub waves: Vec<WaveState>,
     pub updated_at: UnixMillis,
+    /// Strategy `ab`: each arm's release and counts (appended in issue 9; absent, and not
+    /// written, for every other strategy).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub arms: Vec<ArmState>,
+}
+
+/// One arm of an A/B rollout (strategy `ab`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Arm {
+    A,
+    B,
+}
+
+impl Arm {
+    pub fn other(self) -> Arm {
+        match self {
+            Arm::A => Arm::B,
+            Arm::B => Arm::A,
+        }
+    }
+}
+
+impl fmt::Display for Arm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Arm::A => "A",
+            Arm::B => "B",
+        })
+    }
+}
+
+impl std::str::FromStr for Arm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Arm, String> {
+        match s {
+            "A" | "a" => Ok(Arm::A),
+            "B" | "b" => Ok(Arm::B),
+            other => Err(format!("{other:?} is not an arm; use A or B")),
+        }
+    }
+}
+
+/// One arm in the state block.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArmState {
+    pub arm: Arm,
+    /// `NAME VERSION` of the arm's release.
+    pub release: String,
+    pub devices: u32,
+    pub deployed: u32,
+    pub healthy: u32,
+    pub failed: u32,
+    /// `observing`, `rolled back: WHY`, `promoted`, `lost`.
+    pub status: String,
 }
 
 impl Message for RolloutState {
@@ -192,6 +246,16 @@ impl RolloutState {
         line("last_action", &self.last_action);
         line("next_action", &self.next_action);
         line("blockers", &blockers);
+        for a in &self.arms {
+            let key = format!("arm_{}", a.arm.to_string().to_lowercase());
+            line(
+                &key,
+                &format_args!(
+                    "{} devices={} deployed={} healthy={} failed={} status={}",
+                    a.release, a.devices, a.deployed, a.healthy, a.failed, a.status
+                ),
+            );
+        }
         out.push_str("</fleet-deploy-state>\n");
         out
     }
@@ -265,4 +329,51 @@ pub struct Report {
     pub failed_devices: Vec<DeviceId>,
     /// The report as Markdown, rendered by the coordinator.
     pub markdown: String,
+    /// Strategy `ab`: the arms side by side (appended in issue 9; absent for other strategies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ab: Option<AbReport>,
+}
+
+/// An A/B rollout's arms side by side, and the difference B − A.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AbReport {
+    pub arms: Vec<ArmReport>,
+    /// Error rate of B minus A (fraction), with its interval (Newcombe's hybrid score method
+    /// from the two Wilson intervals); `None` until both arms reported an error rate.
+    pub error_rate_diff: Option<Interval>,
+    /// p95 of B minus A, in milliseconds (means of per-device p95s: no interval).
+    pub p95_diff_ms: Option<f64>,
+    /// The confidence level of every interval, in percent (two-sided).
+    pub confidence_pct: f64,
+    pub winner: Option<Arm>,
+}
+
+/// A value with its confidence interval.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Interval {
+    pub value: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// One arm's metrics over its observation window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArmReport {
+    pub arm: Arm,
+    pub release: String,
+    pub devices: u32,
+    pub deployed: u32,
+    pub failed: u32,
+    /// Why the arm was rolled back, if it was.
+    pub rolled_back: Option<String>,
+    pub verdict: Option<Verdict>,
+    pub samples: u64,
+    /// Requests behind the error rate (capped per report, see the gates).
+    pub requests: f64,
+    pub error_rate: Option<Interval>,
+    pub p95_ms: Option<f64>,
+    pub cpu_pct: Option<f64>,
+    pub memory_pct: Option<f64>,
+    /// The most restarts within the crash-loop window any of its devices reported.
+    pub max_restarts: u32,
 }

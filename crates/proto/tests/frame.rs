@@ -136,6 +136,7 @@ fn state_block() -> RolloutState {
         blockers: vec![],
         waves: vec![],
         updated_at: NOW,
+        arms: vec![],
     }
 }
 

@@ -471,6 +471,7 @@ fn state_block() -> impl Strategy<Value = RolloutState> {
                     blockers,
                     waves: vec![],
                     updated_at,
+                    arms: vec![],
                 }
             },
         )
