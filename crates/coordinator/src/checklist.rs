@@ -111,10 +111,10 @@ pub fn check(
     let mut problems = Vec::new();
     match release.strategy.kind {
         StrategyKind::CanaryRolling | StrategyKind::RollingUpdate => {}
-        StrategyKind::BlueGreen => problems.push(format!(
-            "strategy {} is not supported by this coordinator yet (only canary-rolling and rolling-update)",
-            release.strategy.kind
-        )),
+        // Blue-green rolls out in canary + waves like canary-rolling; the agents do the
+        // side-by-side start and the traffic switch. What a device needs for it is checked by
+        // "each device can hold two instances" below.
+        StrategyKind::BlueGreen => {}
         // A/B: each arm's release is checked here like any other; the items about the pair
         // (and the refusal of an `ab` release started alone) are in `crate::ab`.
         StrategyKind::Ab => {}
@@ -295,6 +295,10 @@ pub fn check(
         Some("free disk space on these devices, or shrink the release".into()),
     ));
 
+    if release.strategy.kind == StrategyKind::BlueGreen {
+        items.push(two_instances(release, &eligible));
+    }
+
     // Rollback targets: the release must name each device's current release, and the
     // coordinator must hold that signed release to publish it again.
     let mut fresh_installs = Vec::new();
@@ -448,5 +452,180 @@ pub fn check(
         items,
         targets,
         plan,
+    }
+}
+
+/// Blue-green starts the new version beside the running one, so each target must hold a
+/// second instance: free memory in its last heartbeat (total − used, where used already
+/// includes the running instance) of at least `resources.memory`, and the `process` runtime,
+/// the only one where the agent runs two instances side by side.
+///
+/// Design: whether a device has a traffic switch configured (`blue_green.switch`) is not in
+/// anything a device reports (`DeviceFacts` has no such field), so it cannot be checked here;
+/// a device without one refuses the release (`Refusal::StrategyUnsupported`) when it gets it.
+fn two_instances(release: &Release, eligible: &[&DeviceInfo]) -> CheckItem {
+    let need = release.resources.memory_bytes;
+    let mut wrong_runtime = Vec::new();
+    let mut no_room = Vec::new();
+    let mut unknown = 0usize;
+    for d in eligible {
+        if let Some(f) = &d.facts
+            && f.runtime != "process"
+        {
+            wrong_runtime.push((&d.id, f.runtime.as_str()));
+        }
+        match (d.memory_used_bytes, d.memory_total_bytes) {
+            (Some(used), Some(total)) if total > 0 => {
+                let free = total.saturating_sub(used);
+                if free < need {
+                    no_room.push((&d.id, free));
+                }
+            }
+            _ => unknown += 1,
+        }
+    }
+    let ok = wrong_runtime.is_empty() && no_room.is_empty();
+    let mut detail = Vec::new();
+    if ok {
+        detail.push(format!(
+            "{} MiB free beside the running instance and the process runtime on every target that reported ({unknown} not reported yet)",
+            need >> 20
+        ));
+    }
+    if !no_room.is_empty() {
+        let least = no_room.iter().map(|(_, free)| *free).min().unwrap_or(0);
+        detail.push(format!(
+            "{} devices have less than {} MiB free for a second instance (least: {} MiB): {}",
+            no_room.len(),
+            need >> 20,
+            least >> 20,
+            list_ids(no_room.iter().map(|(d, _)| *d), 5)
+        ));
+    }
+    if !wrong_runtime.is_empty() {
+        let mut runtimes: Vec<&str> = wrong_runtime.iter().map(|(_, r)| *r).collect();
+        runtimes.sort();
+        runtimes.dedup();
+        detail.push(format!(
+            "{} devices run the {} runtime, not process: {}",
+            wrong_runtime.len(),
+            runtimes.join("/"),
+            list_ids(wrong_runtime.iter().map(|(d, _)| *d), 5)
+        ));
+    }
+    item(
+        "each device can hold two instances (blue-green)",
+        ok,
+        detail.join("; "),
+        Some("lower resources.memory, free memory on these devices or exclude them from the target; devices not on the process runtime need strategy canary-rolling".into()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::testkit::{self, Knobs};
+
+    fn fleet(n: usize) -> BTreeMap<DeviceId, DeviceInfo> {
+        let mut f = testkit::fleet(n, None);
+        for d in f.values_mut() {
+            d.memory_total_bytes = Some(4 << 30);
+            d.memory_used_bytes = Some(1 << 30);
+        }
+        f
+    }
+
+    fn two_instances_item(v: &Validation) -> Option<&CheckItem> {
+        v.items.iter().find(|i| i.name.contains("two instances"))
+    }
+
+    #[test]
+    fn blue_green_needs_room_for_a_second_instance_and_the_process_runtime() {
+        let bg = Knobs {
+            strategy: "blue-green",
+            ..Knobs::default()
+        };
+        let (_, signed) = testkit::signed("app", "1.0", 1, &bg);
+        // (what, change to the fleet, item ok, words in the detail)
+        #[allow(clippy::type_complexity)]
+        let cases: &[(&str, fn(&mut BTreeMap<DeviceId, DeviceInfo>), bool, &[&str])] = &[
+            (
+                "3 GiB free everywhere",
+                |_| {},
+                true,
+                &["64 MiB free", "0 not reported"],
+            ),
+            (
+                "the running instance already takes the memory: used counts it",
+                |f| {
+                    for d in f.values_mut().take(7) {
+                        d.memory_used_bytes = Some((4 << 30) - (32 << 20));
+                    }
+                },
+                false,
+                &[
+                    "7 devices have less than 64 MiB free",
+                    "least: 32 MiB",
+                    "dev-000000",
+                    "and 2 more",
+                ],
+            ),
+            (
+                "exactly enough",
+                |f| {
+                    for d in f.values_mut() {
+                        d.memory_used_bytes = Some((4 << 30) - (64 << 20));
+                    }
+                },
+                true,
+                &[],
+            ),
+            (
+                "no heartbeat yet is not a failure",
+                |f| {
+                    for d in f.values_mut().take(3) {
+                        d.memory_used_bytes = None;
+                    }
+                },
+                true,
+                &["3 not reported yet"],
+            ),
+            (
+                "a container device cannot run two instances",
+                |f| {
+                    if let Some(d) = f.values_mut().nth(1) {
+                        d.facts.as_mut().expect("facts").runtime = "container".into();
+                    }
+                },
+                false,
+                &["1 devices run the container runtime, not process: dev-000001"],
+            ),
+        ];
+        for (what, change, ok, words) in cases {
+            let mut f = fleet(20);
+            change(&mut f);
+            let v = testkit::validate(&f, &signed, testkit::T0);
+            let item = two_instances_item(&v).expect("a blue-green checklist has the item");
+            assert_eq!(item.ok, *ok, "{what}: {item:?}");
+            assert_eq!(item.fix.is_some(), !ok, "{what}: {item:?}");
+            for w in *words {
+                assert!(
+                    item.detail.contains(w),
+                    "{what}: {w:?} not in {:?}",
+                    item.detail
+                );
+            }
+            assert_eq!(v.ok(), *ok, "{what}: {:#?}", v.failed());
+        }
+    }
+
+    #[test]
+    fn other_strategies_have_no_two_instance_item() {
+        let (_, signed) = testkit::signed("app", "1.0", 1, &Knobs::default());
+        let v = testkit::validate(&fleet(4), &signed, testkit::T0);
+        assert!(two_instances_item(&v).is_none(), "{:#?}", v.items);
+        assert!(v.ok(), "{:#?}", v.failed());
     }
 }

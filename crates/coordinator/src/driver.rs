@@ -757,6 +757,8 @@ impl Driver {
         row.info.last_seen = Some(now);
         row.info.last_heartbeat_at = Some(now);
         row.info.disk_free_bytes = Some(hb.system.disk_free_bytes);
+        row.info.memory_used_bytes = Some(hb.system.memory_used_bytes);
+        row.info.memory_total_bytes = Some(hb.system.memory_total_bytes);
         row.info.health = Some(sample.clone());
         row.info.online = true;
         row.heartbeat = Some(hb);

@@ -26,6 +26,12 @@ pub struct DeviceInfo {
     pub last_heartbeat_at: Option<UnixMillis>,
     pub health: Option<Sample>,
     pub disk_free_bytes: Option<u64>,
+    /// Memory in use and in total (bytes) from the latest heartbeat: what the blue-green
+    /// checklist item needs to know whether a second instance fits beside the running one.
+    #[serde(default)]
+    pub memory_used_bytes: Option<u64>,
+    #[serde(default)]
+    pub memory_total_bytes: Option<u64>,
     /// The sequence of the latest desired state published to it (0: none yet).
     pub desired_sequence: u64,
     pub desired_retry: u32,
@@ -80,6 +86,8 @@ impl DeviceInfo {
             last_heartbeat_at: None,
             health: None,
             disk_free_bytes: None,
+            memory_used_bytes: None,
+            memory_total_bytes: None,
             desired_sequence: 0,
             desired_retry: 0,
             rollout: None,

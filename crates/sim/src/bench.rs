@@ -750,6 +750,7 @@ async fn agent_live(plan: &Plan, dir: &Path) -> anyhow::Result<Vec<Figure>> {
         counter: 1,
         rollback_to: None,
         faults: vec![],
+        ..Spec::new("1.0.0", 1)
     };
     let v1 = bench_release(&work, &artifacts, coord.http, &key, &good, strategy)?;
     let id = start_rollout(&mut link, v1).await?;
@@ -828,6 +829,7 @@ async fn agent_live(plan: &Plan, dir: &Path) -> anyhow::Result<Vec<Figure>> {
             counter,
             rollback_to: Some((1, "1.0.0".into())),
             faults,
+            ..Spec::new("2.0.0", counter)
         };
         let bad = bench_release(&work, &artifacts, coord.http, &key, &spec, strategy)?;
         // A device whose trial failed is quarantined: let it take part again.
@@ -1095,6 +1097,7 @@ async fn end_to_end(plan: &Plan, dir: &Path) -> anyhow::Result<Vec<Figure>> {
             counter: 1,
             rollback_to: None,
             faults: vec![],
+            ..Spec::new("1.0.0", 1)
         };
         let v1 = bench_release(&work, &artifacts, coord.http, &key, &good, strategy)?;
         let t = Instant::now();
@@ -1111,6 +1114,7 @@ async fn end_to_end(plan: &Plan, dir: &Path) -> anyhow::Result<Vec<Figure>> {
             counter: 2,
             rollback_to: Some((1, "1.0.0".into())),
             faults: vec![],
+            ..Spec::new("2.0.0", 2)
         };
         let v2 = bench_release(&work, &artifacts, coord.http, &key, &bad, strategy)?;
         let id = start_rollout(&mut link, v2).await?;

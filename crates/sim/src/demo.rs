@@ -7,10 +7,17 @@
 //!    and the report names the failure pattern.
 //! 3. Both deployment reports, the state block and an audit summary.
 //!
+//! `--strategy blue-green` gives every agent the forwarder on its service port and shows
+//! blue-green instead: a first install, a good release switched under a hammering client
+//! (zero failed requests), and a bad one caught by the canary and switched back while the
+//! old instances keep running ([`blue_green`]).
+//!
 //! The operator side goes through `fleetctl`'s library (MQTT requests to the coordinator), so
 //! the demo drives the system exactly as a person with `fleetctl` would.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -26,8 +33,34 @@ use crate::site::{Layout, Site};
 #[derive(Clone, Debug)]
 pub struct Options {
     pub devices: usize,
+    /// `canary-rolling` (the default demo) or `blue-green`.
+    pub strategy: Strategy,
     /// Keep the working directory (registry, device disks, logs) instead of removing it.
     pub keep: bool,
+}
+
+/// The strategy the demo's releases use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// A good release with an offline device caught up, then a bad one on one device type.
+    CanaryRolling,
+    /// Agents with the forwarder: a first install, a good blue-green release under traffic
+    /// (zero failed requests), then a bad one caught and switched back.
+    BlueGreen,
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Strategy, String> {
+        match s {
+            "canary-rolling" => Ok(Strategy::CanaryRolling),
+            "blue-green" => Ok(Strategy::BlueGreen),
+            other => Err(format!(
+                "the demo shows canary-rolling or blue-green, not {other:?}"
+            )),
+        }
+    }
 }
 
 struct Clock(Instant);
@@ -242,10 +275,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let key = fleet_proto::SigningKey::generate(&mut rand::rngs::OsRng);
     let layout = Layout {
         devices: options.devices,
+        blue_green: options.strategy == Strategy::BlueGreen,
         ..Layout::default()
     };
     let mut site = Site::create(dir.path(), &layout, key).await?;
-    let result = scenario(&mut site, &app, &layout).await;
+    let result = match options.strategy {
+        Strategy::CanaryRolling => scenario(&mut site, &app, &layout).await,
+        Strategy::BlueGreen => blue_green(&mut site, &app, &layout).await,
+    };
     let shutdown = site.shutdown().await;
     let leftovers = processes_under(dir.path());
     if options.keep {
@@ -266,8 +303,8 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     result.and(shutdown)
 }
 
-async fn scenario(site: &mut Site, app: &std::path::Path, layout: &Layout) -> anyhow::Result<()> {
-    let clock = Clock(Instant::now());
+/// Prints the site, starts every agent and waits until all are online; the operator's link.
+async fn open(site: &mut Site, layout: &Layout, clock: &Clock) -> anyhow::Result<Link> {
     let total = site.devices.len();
     let by_type = layout
         .types
@@ -323,6 +360,13 @@ async fn scenario(site: &mut Site, app: &std::path::Path, layout: &Layout) -> an
         "  {} {total} agents online, nothing installed yet",
         clock.stamp()
     );
+    Ok(link)
+}
+
+async fn scenario(site: &mut Site, app: &std::path::Path, layout: &Layout) -> anyhow::Result<()> {
+    let clock = Clock(Instant::now());
+    let total = site.devices.len();
+    let mut link = open(site, layout, &clock).await?;
 
     // One device loses its connection for the first rollout.
     let offline: DeviceId = site
@@ -358,20 +402,14 @@ async fn scenario(site: &mut Site, app: &std::path::Path, layout: &Layout) -> an
     );
     let work = site.dir.join("build");
     std::fs::create_dir_all(&work)?;
-    let good = Spec {
-        version: "1.0.0".into(),
-        counter: 1,
-        rollback_to: None,
-        faults: vec![],
-    };
+    let good = Spec::new("1.0.0", 1);
     let bad = Spec {
-        version: "2.0.0".into(),
-        counter: 2,
         rollback_to: Some((1, "1.0.0".into())),
         // A compatibility bug: 40 % of requests fail, on rpi4 only.
         faults: ["--only-on-device-type", "rpi4", "--error-rate", "0.4"]
             .map(str::to_owned)
             .to_vec(),
+        ..Spec::new("2.0.0", 2)
     };
     let (good_release, _) = releases::build(
         &good,
@@ -462,11 +500,309 @@ async fn scenario(site: &mut Site, app: &std::path::Path, layout: &Layout) -> an
         show_versions(&devices(&mut link).await?)
     );
 
-    for rollout in [&first, &second] {
+    epilogue(link, &[&first, &second]).await
+}
+
+/// Clients hammering every device's service port (the agent's forwarder) with a new
+/// connection per request, counting the answers by version and the failures.
+struct Hammer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<Tally>>,
+}
+
+/// What the hammering clients saw.
+#[derive(Debug, Default)]
+struct Tally {
+    by_version: BTreeMap<String, u64>,
+    failed: u64,
+}
+
+impl Hammer {
+    fn start(ports: Vec<u16>) -> Hammer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = ports
+            .into_iter()
+            .map(|port| {
+                let stop = Arc::clone(&stop);
+                std::thread::spawn(move || {
+                    let mut tally = Tally::default();
+                    while !stop.load(Ordering::Relaxed) {
+                        match version_at(port) {
+                            Some(v) => *tally.by_version.entry(v).or_default() += 1,
+                            None => tally.failed += 1,
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    tally
+                })
+            })
+            .collect();
+        Hammer { stop, threads }
+    }
+
+    fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = Tally::default();
+        for t in self.threads {
+            // A client thread does not panic; if one did, its requests are not counted.
+            if let Ok(tally) = t.join() {
+                for (v, n) in tally.by_version {
+                    *total.by_version.entry(v).or_default() += n;
+                }
+                total.failed += tally.failed;
+            }
+        }
+        total
+    }
+}
+
+impl Tally {
+    fn line(&self) -> String {
+        let ok: u64 = self.by_version.values().sum();
+        let versions: Vec<String> = self
+            .by_version
+            .iter()
+            .map(|(v, n)| format!("{n} by {v}"))
+            .collect();
+        format!(
+            "{} requests through the service ports, {} failed ({} answered: {})",
+            ok + self.failed,
+            self.failed,
+            ok,
+            versions.join(", ")
+        )
+    }
+}
+
+/// GET /health on 127.0.0.1:`port` through a fresh connection: the version that answered
+/// 200, `None` for anything else.
+fn version_at(port: u16) -> Option<String> {
+    use std::io::{Read as _, Write as _};
+    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    // The demo app writes `"version":"X"` (no spaces) into its /health document.
+    let (_, rest) = body.split_once("\"version\":\"")?;
+    let (version, _) = rest.split_once('"')?;
+    Some(version.to_owned())
+}
+
+/// The demo-app processes started from `dir` (a device's slots): (pid, version).
+fn apps_under(dir: &std::path::Path) -> Vec<(u32, String)> {
+    processes_under(dir)
+        .into_iter()
+        .filter_map(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let at = args.iter().position(|a| a == "--version")?;
+            Some((pid, args.get(at + 1)?.clone()))
+        })
+        .collect()
+}
+
+/// `fleet-sim demo --strategy blue-green`: every agent has the forwarder on its service port.
+/// 1.0.0 is a first install (nothing runs yet, so nothing to keep warm); 2.0.0 goes blue-green
+/// while clients hammer every service port (zero failed requests); 3.0.0 turns unhealthy a
+/// few seconds after it starts: the canary catches it, the traffic goes back to 2.0.0, whose
+/// instances never stopped.
+async fn blue_green(site: &mut Site, app: &std::path::Path, layout: &Layout) -> anyhow::Result<()> {
+    let clock = Clock(Instant::now());
+    let total = site.devices.len();
+    let mut link = open(site, layout, &clock).await?;
+    println!(
+        "  every agent forwards its service port to the instance with the traffic ([blue_green] switch = \"forwarder\")"
+    );
+    println!(
+        "  {} building and signing demo-app 1.0.0, 2.0.0 and 3.0.0 (strategy blue-green)",
+        clock.stamp()
+    );
+    let work = site.dir.join("build");
+    std::fs::create_dir_all(&work)?;
+    let first = Spec {
+        strategy: "blue-green",
+        ..Spec::new("1.0.0", 1)
+    };
+    let good = Spec {
+        rollback_to: Some((1, "1.0.0".into())),
+        strategy: "blue-green",
+        ..Spec::new("2.0.0", 2)
+    };
+    let bad = Spec {
+        rollback_to: Some((2, "2.0.0".into())),
+        // Healthy for its first ~3 s (the error window needs 20 frames at 150 ms), then 90 %
+        // of its work fails: 8 good probes 250 ms apart take it through warming up to the
+        // switch, and it turns before it can prove itself under traffic.
+        faults: ["--error-rate", "0.9", "--work-interval-ms", "150"]
+            .map(str::to_owned)
+            .to_vec(),
+        strategy: "blue-green",
+        good_probes: 8,
+        probe_interval: "250ms",
+        ..Spec::new("3.0.0", 3)
+    };
+    let mut built = Vec::new();
+    for spec in [&first, &good, &bad] {
+        let (release, _) = releases::build(
+            spec,
+            app,
+            &work,
+            &site.artifacts,
+            site.http,
+            &site.key,
+            now(),
+        )?;
+        built.push(release);
+    }
+    let mut built = built.into_iter();
+    let mut next = || built.next().context("three releases were built");
+
+    println!(
+        "\n== 1. demo-app 1.0.0: a first install (nothing runs yet, so no old instance to keep warm)"
+    );
+    let r1 = start(&mut link, &clock, next()?).await?;
+    let end = follow(&mut link, &clock, &r1, Duration::from_secs(180)).await?;
+    if end.status != RolloutStatus::Completed {
+        bail!(
+            "1.0.0 ended {} instead of completed: {}",
+            end.status,
+            end.last_action
+        );
+    }
+    println!(
+        "  {} fleet: {}",
+        clock.stamp(),
+        show_versions(&devices(&mut link).await?)
+    );
+
+    let ports: Vec<u16> = site.devices.values().map(|d| d.config.app.port).collect();
+    println!(
+        "\n== 2. a good blue-green release: demo-app 2.0.0 beside 1.0.0, then the traffic switches ({} clients hammer the service ports)",
+        ports.len()
+    );
+    let hammer = Hammer::start(ports.clone());
+    let r2 = start(&mut link, &clock, next()?).await?;
+    let end = follow(&mut link, &clock, &r2, Duration::from_secs(240)).await?;
+    wait_devices(
+        &mut link,
+        Duration::from_secs(60),
+        "every device on 2.0.0",
+        |d| {
+            d.len() == total
+                && d.iter()
+                    .all(|d| d.active.as_ref().is_some_and(|a| a.version == "2.0.0"))
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tally = hammer.finish();
+    if end.status != RolloutStatus::Completed {
+        bail!(
+            "2.0.0 ended {} instead of completed: {}",
+            end.status,
+            end.last_action
+        );
+    }
+    println!("  {} completed: {}", clock.stamp(), tally.line());
+    if tally.failed > 0 {
+        bail!("the blue-green switch dropped {} requests", tally.failed);
+    }
+
+    let before: BTreeMap<DeviceId, Vec<(u32, String)>> = site
+        .devices
+        .values()
+        .map(|d| {
+            (
+                d.id.clone(),
+                apps_under(&site.dir.join("devices").join(d.id.as_str())),
+            )
+        })
+        .collect();
+    println!(
+        "\n== 3. a bad blue-green release: demo-app 3.0.0, unhealthy a few seconds after it starts"
+    );
+    let hammer = Hammer::start(ports);
+    let r3 = start(&mut link, &clock, next()?).await?;
+    let end = follow(&mut link, &clock, &r3, Duration::from_secs(180)).await?;
+    if !matches!(
+        end.status,
+        RolloutStatus::Halted | RolloutStatus::RolledBack
+    ) {
+        bail!(
+            "3.0.0 ended {} instead of halted: {}",
+            end.status,
+            end.last_action
+        );
+    }
+    wait_devices(
+        &mut link,
+        Duration::from_secs(60),
+        "every device on 2.0.0 again",
+        |d| {
+            d.iter()
+                .all(|d| d.active.as_ref().is_some_and(|a| a.version == "2.0.0"))
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tally = hammer.finish();
+    let devices_now = devices(&mut link).await?;
+    let caught: Vec<&DeviceView> = devices_now
+        .iter()
+        .filter(|d| d.quarantine_reason.is_some())
+        .collect();
+    let mut kept = 0;
+    for (id, apps) in &before {
+        let now_running = apps_under(&site.dir.join("devices").join(id.as_str()));
+        if &now_running == apps {
+            kept += 1;
+        }
+    }
+    println!(
+        "  {} halted in the canary; fleet: {}",
+        clock.stamp(),
+        show_versions(&devices_now)
+    );
+    for d in &caught {
+        println!(
+            "  {}   {}: {}",
+            clock.stamp(),
+            d.id,
+            d.quarantine_reason.as_deref().unwrap_or_default()
+        );
+    }
+    println!(
+        "  {} the 2.0.0 instances of {kept} of {total} devices kept their process (never restarted); {}",
+        clock.stamp(),
+        tally.line()
+    );
+    if kept != total {
+        bail!(
+            "{} devices restarted 2.0.0 during the bad release",
+            total - kept
+        );
+    }
+
+    epilogue(link, &[&r2, &r3]).await
+}
+
+/// Both deployment reports, the last rollout's state block and an audit summary.
+async fn epilogue(mut link: Link, rollouts: &[&RolloutId]) -> anyhow::Result<()> {
+    for rollout in rollouts {
         match ask(
             &mut link,
             Command::Report {
-                rollout: rollout.clone(),
+                rollout: (*rollout).clone(),
             },
         )
         .await?
@@ -478,8 +814,11 @@ async fn scenario(site: &mut Site, app: &std::path::Path, layout: &Layout) -> an
             _ => bail!("the coordinator answered a report request with something else"),
         }
     }
-    println!("\n== state block: fleetctl rollout status {second}\n");
-    print!("{}", state(&mut link, &second).await?.render_block());
+    let last = rollouts
+        .last()
+        .context("the demo has at least one rollout")?;
+    println!("\n== state block: fleetctl rollout status {last}\n");
+    print!("{}", state(&mut link, last).await?.render_block());
 
     let audit = match ask(
         &mut link,

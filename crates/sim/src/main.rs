@@ -29,6 +29,10 @@ enum Cmd {
         /// Keep the working directory (registry, device disks) instead of removing it
         #[arg(long)]
         keep: bool,
+        /// The releases' strategy: canary-rolling, or blue-green (every agent gets the
+        /// forwarder; a good release switched under load, a bad one switched back)
+        #[arg(long, default_value = "canary-rolling")]
+        strategy: fleet_sim::demo::Strategy,
     },
     /// Many protocol-level simulated devices against a broker (no slots, no app processes)
     Load(Box<LoadArgs>),
@@ -126,12 +130,21 @@ fn main() -> anyhow::Result<()> {
             Cmd::Bench { quick, out } => {
                 fleet_sim::bench::run(fleet_sim::bench::Options { quick, out }).await
             }
-            Cmd::Demo { devices, keep } => {
+            Cmd::Demo {
+                devices,
+                keep,
+                strategy,
+            } => {
                 anyhow::ensure!(
                     devices >= 6,
                     "--devices must be at least 6 (three types, two regions)"
                 );
-                fleet_sim::demo::run(fleet_sim::demo::Options { devices, keep }).await
+                fleet_sim::demo::run(fleet_sim::demo::Options {
+                    devices,
+                    keep,
+                    strategy,
+                })
+                .await
             }
             Cmd::Load(args) => {
                 let LoadArgs {

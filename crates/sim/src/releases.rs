@@ -18,6 +18,27 @@ pub struct Spec {
     pub rollback_to: Option<(u64, String)>,
     /// Extra `fleet-demo-app` arguments: this release's faults.
     pub faults: Vec<String>,
+    /// `strategy.kind`: `canary-rolling` or `blue-green`.
+    pub strategy: &'static str,
+    /// The trial's consecutive good probes (for blue-green: while warming up, then again
+    /// under traffic) and the time between probes.
+    pub good_probes: u32,
+    pub probe_interval: &'static str,
+}
+
+impl Spec {
+    /// A canary-rolling release with the demo's trial (3 good probes 500 ms apart).
+    pub fn new(version: &str, counter: u64) -> Spec {
+        Spec {
+            version: version.into(),
+            counter,
+            rollback_to: None,
+            faults: Vec::new(),
+            strategy: "canary-rolling",
+            good_probes: 3,
+            probe_interval: "500ms",
+        }
+    }
 }
 
 /// Finds `fleet-demo-app` beside this executable, building it when run through cargo.
@@ -119,11 +140,11 @@ max_latency = "2s"
 
 [trial]
 deadline = "20s"
-good_probes = 3
-probe_interval = "500ms"
+good_probes = {good_probes}
+probe_interval = "{probe_interval}"
 
 [strategy]
-kind = "canary-rolling"
+kind = "{strategy}"
 canary_percent = 5
 waves = [50, 100]
 canary_soak = "6s"
@@ -136,6 +157,9 @@ approval = "auto"
         stanza = fleetctl::pack::stanza(arch, &url, &packed),
         args = quoted.join(", "),
         probe = probe_digest(app)?,
+        good_probes = spec.good_probes,
+        probe_interval = spec.probe_interval,
+        strategy = spec.strategy,
     );
     let release = manifest::parse(&text, now).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((SignedRelease::sign(&release, key), text))

@@ -68,6 +68,9 @@ pub struct Layout {
     pub types: Vec<(&'static str, &'static str)>,
     pub regions: Vec<&'static str>,
     pub report_interval: Duration,
+    /// Give every agent a blue-green traffic switch: the built-in forwarder on its service
+    /// port (`app.port`), its two instances on ports of their own.
+    pub blue_green: bool,
 }
 
 impl Default for Layout {
@@ -82,6 +85,7 @@ impl Default for Layout {
             ],
             regions: vec!["eu-west", "us-east"],
             report_interval: Duration::from_millis(500),
+            blue_green: false,
         }
     }
 }
@@ -190,6 +194,13 @@ impl Site {
             config.trial.restore_timeout = Duration::from_secs(20);
             config.fetch.retry_min = Duration::from_millis(200);
             config.fetch.retry_max = Duration::from_secs(2);
+            if layout.blue_green {
+                config.blue_green.switch = fleet_agent::config::SwitchKind::Forwarder;
+                config.blue_green.port_a = free_port()?;
+                config.blue_green.port_b = free_port()?;
+                config.blue_green.bind = std::net::Ipv4Addr::LOCALHOST.into();
+                config.blue_green.drain_timeout = Duration::from_secs(5);
+            }
             devices.insert(
                 id.clone(),
                 Device {

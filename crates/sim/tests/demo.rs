@@ -9,8 +9,14 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn the_demo_shows_a_good_and_a_bad_release_and_cleans_up() {
+    let out = demo(&["demo", "--devices", "9"]);
+    the_default_demo(&out);
+}
+
+/// Runs `fleet-sim ARGS` to its end (killed after 300 s), asserts it succeeded; its stdout.
+fn demo(args: &[&str]) -> String {
     let mut child = Command::new(env!("CARGO_BIN_EXE_fleet-sim"))
-        .args(["demo", "--devices", "9"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -48,7 +54,10 @@ fn the_demo_shows_a_good_and_a_bad_release_and_cleans_up() {
         status.success(),
         "demo failed ({status})\nstdout:\n{out}\nstderr:\n{err}"
     );
+    out
+}
 
+fn the_default_demo(out: &str) {
     for fact in [
         "9 agents online",
         "rpi4-03 went offline",
@@ -69,7 +78,7 @@ fn the_demo_shows_a_good_and_a_bad_release_and_cleans_up() {
     ] {
         assert!(
             out.contains(fact),
-            "the demo's output lacks {fact:?}:\n{out}\nstderr:\n{err}"
+            "the demo's output lacks {fact:?}:\n{out}"
         );
     }
     let removed = out
@@ -80,4 +89,38 @@ fn the_demo_shows_a_good_and_a_bad_release_and_cleans_up() {
         !std::path::Path::new(removed).exists(),
         "{removed} is still there"
     );
+}
+
+/// `fleet-sim demo --strategy blue-green`: a first install, a good blue-green release with
+/// zero failed requests through the forwarders, a bad one halted in the canary with the old
+/// instances untouched.
+#[test]
+fn the_blue_green_demo_switches_without_a_failed_request_and_switches_back() {
+    let out = demo(&["demo", "--devices", "6", "--strategy", "blue-green"]);
+    for fact in [
+        "6 agents online",
+        "[blue_green] switch = \"forwarder\"",
+        "== 1. demo-app 1.0.0: a first install",
+        "== 2. a good blue-green release: demo-app 2.0.0",
+        "failed (",
+        "== 3. a bad blue-green release: demo-app 3.0.0",
+        "halted in the canary; fleet: 6 on 2.0.0",
+        "health endpoint reported",
+        "kept their process (never restarted)",
+        "the 2.0.0 instances of 6 of 6 devices",
+        "- **Strategy**: blue-green",
+        "strategy: blue-green",
+        "status: halted",
+        "stopped every agent and application; removed /tmp/fleet-demo-",
+    ] {
+        assert!(
+            out.contains(fact),
+            "the demo's output lacks {fact:?}:\n{out}"
+        );
+    }
+    let completed = out
+        .lines()
+        .find(|l| l.contains("completed: ") && l.contains("requests through the service ports"))
+        .unwrap_or_else(|| panic!("no count of requests:\n{out}"));
+    assert!(completed.contains(", 0 failed ("), "{completed}");
 }
