@@ -136,7 +136,10 @@ pub fn check(
         } else {
             problems.join("; ")
         },
-        Some("fix the manifest (use strategy canary-rolling or rolling-update, a current validity window) and sign it again".into()),
+        Some(
+            "sign the release again with a validity window (not_before, expires) that includes now"
+                .into(),
+        ),
     ));
 
     let targets = waves::targets(release, devices.iter().copied());

@@ -184,6 +184,40 @@ fn big_bang_is_refused_with_an_explanation() {
 }
 
 #[test]
+fn an_ab_release_keeps_its_arm_share_and_window_in_the_canary_fields() {
+    let r = parse(
+        &(MINIMAL.to_owned()
+            + "\n[strategy]\nkind = \"ab\"\nab_percent = 20\nobservation = \"45m\"\n"),
+        NOW,
+    )
+    .unwrap();
+    assert_eq!(r.strategy.kind, StrategyKind::Ab);
+    assert_eq!(r.strategy.canary_percent, 20.0);
+    assert_eq!(r.strategy.canary_soak, Duration::from_secs(45 * 60));
+    // Without them: 10 % per arm, observed for the canary soak.
+    let r = parse(&(MINIMAL.to_owned() + "\n[strategy]\nkind = \"ab\"\n"), NOW).unwrap();
+    assert_eq!(r.strategy.canary_percent, 10.0);
+    assert_eq!(r.strategy.canary_soak, Duration::from_secs(15 * 60));
+}
+
+#[test]
+fn ab_keys_are_refused_outside_ab_and_out_of_range_inside() {
+    check(
+        &(MINIMAL.to_owned() + "\n[strategy]\nab_percent = 20\nobservation = \"1h\"\n"),
+        &[
+            "strategy.ab_percent: only for kind = \"ab\" (this strategy is canary-rolling)",
+            "strategy.observation: only for kind = \"ab\" (this strategy is canary-rolling)",
+        ],
+    );
+    check(
+        &(MINIMAL.to_owned() + "\n[strategy]\nkind = \"ab\"\nab_percent = 60\n"),
+        &[
+            "strategy.ab_percent: each arm's share must be between 1 and 50 % of the targets, got 60",
+        ],
+    );
+}
+
+#[test]
 fn rollback_target_must_be_older() {
     check(
         &MINIMAL.replace(
