@@ -29,6 +29,74 @@ pub struct Options {
     pub quick: bool,
     /// Where the Markdown table is written.
     pub out: PathBuf,
+    /// The sections to measure; empty measures them all. Re-measuring one figure need not
+    /// take the full run's half hour.
+    pub only: Vec<Section>,
+}
+
+/// A part of the table, named as `--only` takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    /// Binary size, swap latency, idle cost, trial and crash-at-start rollbacks, blue-green
+    /// switch back.
+    Agent,
+    /// Heartbeat ingestion and the engine at scale.
+    Coordinator,
+    /// A rollout and a rollback over simulated devices.
+    EndToEnd,
+    /// The embedded broker and mosquitto side by side.
+    Brokers,
+}
+
+impl Section {
+    pub const ALL: [Section; 4] = [
+        Section::Agent,
+        Section::Coordinator,
+        Section::EndToEnd,
+        Section::Brokers,
+    ];
+
+    /// The name `--only` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Section::Agent => "agent",
+            Section::Coordinator => "coordinator",
+            Section::EndToEnd => "e2e",
+            Section::Brokers => "brokers",
+        }
+    }
+}
+
+impl std::str::FromStr for Section {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Section, String> {
+        Section::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                format!("unknown bench section {s:?}: expected agent, coordinator, e2e or brokers")
+            })
+    }
+}
+
+impl Options {
+    fn measures(&self, section: Section) -> bool {
+        self.only.is_empty() || self.only.contains(&section)
+    }
+
+    /// The command line that produced the table, as the file's header gives it.
+    fn command(&self) -> String {
+        let mut c = "cargo run --release -p fleet-sim -- bench".to_owned();
+        if self.quick {
+            c.push_str(" --quick");
+        }
+        if !self.only.is_empty() {
+            let names: Vec<&str> = self.only.iter().map(|s| s.name()).collect();
+            let _ = write!(c, " --only {}", names.join(","));
+        }
+        c
+    }
 }
 
 /// The sizes and durations a run uses.
@@ -699,22 +767,24 @@ fn swap_latency(plan: &Plan) -> anyhow::Result<Figure> {
     Ok(f)
 }
 
-/// One agent process, a coordinator, and the demo app: idle cost, and how fast a bad
-/// release is undone.
-async fn agent_live(plan: &Plan, dir: &Path) -> anyhow::Result<Vec<Figure>> {
-    let key = SigningKey::generate(&mut rand::rngs::OsRng);
-    // Heartbeats every 10 s as in production; two samples suffice for the gate here so that
-    // each bad release is judged within half a minute.
-    let coord = Coordinator::start(dir, &key, "10s", &[("GATE__MIN_SAMPLES", "2".into())])?;
-    let app_port = free_port()?;
-    let home = dir.join("device");
-    std::fs::create_dir_all(&home)?;
+/// The release `fleet-agent` binary as device `bench-1` of `coord`, its disk under `home`, its
+/// app's (or forwarder's) service port `app_port`, with `extra` appended to its config; returns
+/// once the coordinator has its first heartbeat (the checklist wants a fresh one).
+async fn start_agent(
+    coord: &Coordinator,
+    key: &SigningKey,
+    home: &Path,
+    app_port: u16,
+    heartbeat: &str,
+    extra: &str,
+) -> anyhow::Result<Guard> {
+    std::fs::create_dir_all(home)?;
     let config = format!(
         "[device]\nid = \"bench-1\"\ntype = \"rpi4\"\nregion = \"eu-west\"\n\
          [mqtt]\nhost = \"127.0.0.1\"\nport = {}\nreconnect_min = \"200ms\"\n\
          [trust]\nkeys = [\"{}\"]\n[paths]\nroot = \"{}\"\nstate = \"{}\"\n\
          [app]\nport = {app_port}\nlog_file = \"{}\"\nrestart_backoff_min = \"200ms\"\n\
-         [trial]\nrestore_timeout = \"20s\"\n[reports]\nheartbeat_interval = \"10s\"\n",
+         [trial]\nrestore_timeout = \"20s\"\n[reports]\nheartbeat_interval = \"{heartbeat}\"\n{extra}",
         coord.mqtt,
         hex::encode(key.verifying_key().to_bytes()),
         home.join("app").display(),
@@ -730,15 +800,28 @@ async fn agent_live(plan: &Plan, dir: &Path) -> anyhow::Result<Vec<Figure>> {
             .spawn()?,
     );
     coord.wait_online(1, Duration::from_secs(30))?;
-    // The checklist wants a fresh heartbeat; the first comes one interval after connecting.
+    // The first heartbeat comes one interval after connecting.
     let start = Instant::now();
     while metric(coord.http, "fleet_reports_total{kind=\"heartbeat\"}").unwrap_or(0.0) < 1.0 {
         anyhow::ensure!(
             start.elapsed() < Duration::from_secs(60),
-            "the agent sent no heartbeat"
+            "the agent sent no heartbeat (log: {})",
+            home.join("agent.log").display()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(agent)
+}
+
+/// One agent process, a coordinator, and the demo app: idle cost, and how fast a bad
+/// release is undone.
+async fn agent_live(plan: &Plan, dir: &Path) -> anyhow::Result<Vec<Figure>> {
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    // Heartbeats every 10 s as in production; two samples suffice for the gate here so that
+    // each bad release is judged within half a minute.
+    let coord = Coordinator::start(dir, &key, "10s", &[("GATE__MIN_SAMPLES", "2".into())])?;
+    let app_port = free_port()?;
+    let agent = start_agent(&coord, &key, &dir.join("device"), app_port, "10s", "").await?;
     let mut link = operator(coord.mqtt).await?;
     let work = dir.join("build");
     std::fs::create_dir_all(&work)?;
@@ -889,6 +972,218 @@ async fn agent_live(plan: &Plan, dir: &Path) -> anyhow::Result<Vec<Figure>> {
     link.disconnect().await;
     drop(agent);
     Ok(vec![rss, cpu, unhealthy, crash])
+}
+
+/// A bad blue-green release on an agent whose built-in forwarder holds the service port: how
+/// long the service port answers with the new version's failures before the old instance,
+/// which never stopped, answers again.
+async fn agent_blue_green(plan: &Plan, dir: &Path) -> anyhow::Result<Vec<Figure>> {
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    // 1 s heartbeats: this agent's idle cost is not measured, and the checklist and the gate
+    // then take seconds rather than half-minutes.
+    let coord = Coordinator::start(dir, &key, "1s", &[("GATE__MIN_SAMPLES", "2".into())])?;
+    let (service, port_a, port_b) = (free_port()?, free_port()?, free_port()?);
+    let home = dir.join("device");
+    let agent = start_agent(
+        &coord,
+        &key,
+        &home,
+        service,
+        "1s",
+        &format!(
+            "[blue_green]\nswitch = \"forwarder\"\nport_a = {port_a}\nport_b = {port_b}\nbind = \"127.0.0.1\"\n"
+        ),
+    )
+    .await?;
+    // /proc gives the apps' executables with symlinks resolved.
+    let home = home.canonicalize()?;
+    let mut link = operator(coord.mqtt).await?;
+    let work = dir.join("build");
+    std::fs::create_dir_all(&work)?;
+    let artifacts = dir.join("artifacts");
+    let soaks = "canary_soak = \"3s\"\nwave_soak = \"1s\"\nwaves = [100]\napproval = \"auto\"";
+    // The first install has nothing to keep warm: it goes the ordinary way, behind the forwarder.
+    let v1 = bench_release(
+        &work,
+        &artifacts,
+        coord.http,
+        &key,
+        &Spec::new("1.0.0", 1),
+        soaks,
+    )?;
+    let id = start_rollout(&mut link, v1).await?;
+    let status = wait_final(&mut link, &id, Duration::from_secs(120)).await?;
+    anyhow::ensure!(
+        status == RolloutStatus::Completed,
+        "the first release ended {status}"
+    );
+    let start = Instant::now();
+    while json_field(&http_get(service, "/health").unwrap_or_default(), "version") != Some("1.0.0")
+    {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(30),
+            "1.0.0 does not answer through the service port {service}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let old = app_pids(&home, "1.0.0");
+    let [old] = old[..] else {
+        bail!(
+            "expected one 1.0.0 instance under {}, found PIDs {old:?}",
+            home.display()
+        );
+    };
+
+    // Design: the new version must turn bad after the switch, not while it warms up beside
+    // the old one (that rollback is only stopping it) nor after it proved itself. 8 good
+    // probes 500 ms apart switch the traffic ~4 s after it starts and would commit it at ~8 s;
+    // its error window holds the 20 items `/health` waits for after 20 frames 300 ms apart,
+    // ~6 s, from when 90 % of them fail: unhealthy with 2 s to spare on either side.
+    let strategy = format!("kind = \"blue-green\"\n{soaks}");
+    let faults = ["--error-rate", "0.9", "--work-interval-ms", "300"];
+    let mut back = Figure::new(
+        "agent",
+        "blue-green: failed check → old version serving again through the service port",
+        "s",
+    )
+    .how(format!(
+        "agent with [blue_green] switch = \"forwarder\"; a blue-green release ({}) unhealthy ~6 s after it starts, after the switch; \
+         from its first unhealthy answer to the first answer of 1.0.0, both through the service port polled every 10 ms (3 bad probes 500 ms apart decide); \
+         the 1.0.0 instance kept its PID through every run (checked after each switch back; a new PID fails the bench)",
+        faults.join(" ")
+    ));
+    let mut switch = Figure::new(
+        "agent",
+        "blue-green: deciding failed check → traffic switched back",
+        "ms",
+    )
+    .how("the agent's log: after_us of \"traffic switched back to the previous version\" (its forwarder retargeted)");
+    for run in 0..plan.runs {
+        let counter = 2 + run as u64;
+        let version = format!("2.0.{counter}");
+        let spec = Spec {
+            rollback_to: Some((1, "1.0.0".into())),
+            faults: faults.map(str::to_owned).to_vec(),
+            strategy: "blue-green",
+            good_probes: 8,
+            probe_interval: "500ms",
+            ..Spec::new(&version, counter)
+        };
+        let bad = bench_release(&work, &artifacts, coord.http, &key, &spec, &strategy)?;
+        // A device whose trial failed is quarantined: let it take part again.
+        let _ = ask(
+            &mut link,
+            Op::ReleaseDevice {
+                device: fleet_proto::DeviceId::new("bench-1")?,
+            },
+        )
+        .await;
+        let id = start_rollout(&mut link, bad).await?;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let (mut had_traffic, mut first_bad) = (false, None);
+        loop {
+            if Instant::now() > deadline {
+                bail!(
+                    "{version} was not switched back within 90 s ({}; agent log: {})",
+                    if had_traffic {
+                        "it had the traffic"
+                    } else {
+                        "it never answered through the service port: caught while warming up?"
+                    },
+                    home.join("agent.log").display()
+                );
+            }
+            let body = http_get(service, "/health").unwrap_or_default();
+            let t = Instant::now();
+            match json_field(&body, "version") {
+                Some(v) if v == version => {
+                    had_traffic = true;
+                    if first_bad.is_none() && json_field(&body, "status") == Some("unhealthy") {
+                        first_bad = Some(t);
+                    }
+                }
+                Some("1.0.0") if had_traffic => {
+                    let Some(b) = first_bad else {
+                        bail!(
+                            "{version} was switched back before it answered unhealthy through the service port (agent log: {})",
+                            home.join("agent.log").display()
+                        );
+                    };
+                    back.values.push(t.duration_since(b).as_secs_f64());
+                    break;
+                }
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let check_old = |when: &str| -> anyhow::Result<()> {
+            let now = app_pids(&home, "1.0.0");
+            if now != [old] {
+                bail!(
+                    "the old instance did not survive the blue-green switch back ({when}): 1.0.0 ran as PID {old} before {version}, now as {now:?}"
+                );
+            }
+            Ok(())
+        };
+        check_old("at the switch back")?;
+        let status = wait_final(&mut link, &id, Duration::from_secs(60)).await?;
+        anyhow::ensure!(
+            matches!(status, RolloutStatus::Halted | RolloutStatus::RolledBack),
+            "the bad blue-green release ended {status}"
+        );
+        check_old("once the rollout ended")?;
+        let log = std::fs::read_to_string(home.join("agent.log"))?;
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("traffic switched back to the previous version"))
+            .collect();
+        if lines.len() == run + 1
+            && let Some(us) = lines[run]
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("after_us="))
+                .and_then(|v| v.parse::<f64>().ok())
+        {
+            switch.values.push(us / 1000.0);
+        }
+    }
+    link.disconnect().await;
+    drop(agent);
+    let mut figures = vec![back];
+    if !switch.values.is_empty() {
+        figures.push(switch);
+    }
+    Ok(figures)
+}
+
+/// A string field of a flat JSON document such as the demo app's `/health` answer.
+fn json_field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
+    let start = body.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let len = body[start..].find('"')?;
+    Some(&body[start..start + len])
+}
+
+/// PIDs of the `fleet-demo-app` servers started with `--version VERSION` from under `dir`
+/// (other benchmarks may run the same version elsewhere on the machine).
+fn app_pids(dir: &Path, version: &str) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let exe = std::fs::read_link(e.path().join("exe")).ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            (exe.starts_with(dir)
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == b"--version" && w[1] == version.as_bytes()))
+            .then_some(pid)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1239,28 +1534,38 @@ async fn measure(options: &Options, dir: &Path) -> anyhow::Result<()> {
     let mut figures = Vec::new();
     let step = |name: &str| eprintln!("[{:>4.0}s] {name}…", started.elapsed().as_secs_f64());
 
-    step("agent: binary size and swap latency");
-    figures.push(agent_size()?);
-    figures.push(swap_latency(&plan)?);
-    step("agent: idle cost, trial failure and crash-at-start rollbacks");
-    figures.extend(agent_live(&plan, &dir.join("agent")).await?);
-    for &n in plan.ingest_fleets {
-        step(&format!("coordinator: heartbeat ingestion, {n} devices"));
-        figures.extend(ingestion(&plan, dir, n).await?);
+    if options.measures(Section::Agent) {
+        step("agent: binary size and swap latency");
+        figures.push(agent_size()?);
+        figures.push(swap_latency(&plan)?);
+        step("agent: idle cost, trial failure and crash-at-start rollbacks");
+        figures.extend(agent_live(&plan, &dir.join("agent")).await?);
+        step("agent: blue-green switch back through the forwarder");
+        figures.extend(agent_blue_green(&plan, &dir.join("agent-blue-green")).await?);
     }
-    step("coordinator: the engine at 100,000 devices");
-    figures.extend(tokio::task::block_in_place(|| engine_at_scale(&plan))?);
-    step("end to end: rollout and rollback over simulated devices");
-    figures.extend(end_to_end(&plan, dir).await?);
-    step("brokers side by side");
-    figures.extend(brokers(&plan, dir).await?);
+    if options.measures(Section::Coordinator) {
+        for &n in plan.ingest_fleets {
+            step(&format!("coordinator: heartbeat ingestion, {n} devices"));
+            figures.extend(ingestion(&plan, dir, n).await?);
+        }
+        step("coordinator: the engine at 100,000 devices");
+        figures.extend(tokio::task::block_in_place(|| engine_at_scale(&plan))?);
+    }
+    if options.measures(Section::EndToEnd) {
+        step("end to end: rollout and rollback over simulated devices");
+        figures.extend(end_to_end(&plan, dir).await?);
+    }
+    if options.measures(Section::Brokers) {
+        step("brokers side by side");
+        figures.extend(brokers(&plan, dir).await?);
+    }
 
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Measured {} with `cargo run --release -p fleet-sim -- bench{}` ({:.0} s).\n\nMachine: {}.\n",
+        "Measured {} with `{}` ({:.0} s).\n\nMachine: {}.\n",
         humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
-        if options.quick { " --quick" } else { "" },
+        options.command(),
         started.elapsed().as_secs_f64(),
         machine()
     );
@@ -1280,4 +1585,65 @@ async fn measure(options: &Options, dir: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {}", options.out.display()))?;
     eprintln!("wrote {}", options.out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(quick: bool, only: &[Section]) -> Options {
+        Options {
+            quick,
+            out: PathBuf::from("bench.md"),
+            only: only.to_vec(),
+        }
+    }
+
+    #[test]
+    fn sections_parse_by_their_names() {
+        for s in Section::ALL {
+            assert_eq!(s.name().parse::<Section>(), Ok(s));
+        }
+        let e = "e2e ".parse::<Section>().unwrap_err();
+        assert!(e.contains("\"e2e \"") && e.contains("coordinator"), "{e}");
+    }
+
+    #[test]
+    fn the_header_names_the_command_and_its_sections() {
+        let cases: &[(bool, &[Section], &str, &[Section])] = &[
+            (false, &[], "bench", &Section::ALL),
+            (true, &[], "bench --quick", &Section::ALL),
+            (
+                true,
+                &[Section::Agent],
+                "bench --quick --only agent",
+                &[Section::Agent],
+            ),
+            (
+                false,
+                &[Section::EndToEnd, Section::Brokers],
+                "bench --only e2e,brokers",
+                &[Section::EndToEnd, Section::Brokers],
+            ),
+        ];
+        for (quick, only, command, measured) in cases {
+            let o = options(*quick, only);
+            assert_eq!(
+                o.command(),
+                format!("cargo run --release -p fleet-sim -- {command}")
+            );
+            for s in Section::ALL {
+                assert_eq!(o.measures(s), measured.contains(&s), "{command}: {s:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_fields_of_a_health_answer() {
+        let body = r#"{"status":"unhealthy","version":"2.0.3","checks":{"errors":"failing"}}"#;
+        assert_eq!(json_field(body, "status"), Some("unhealthy"));
+        assert_eq!(json_field(body, "version"), Some("2.0.3"));
+        assert_eq!(json_field(body, "missing"), None);
+        assert_eq!(json_field("", "version"), None);
+    }
 }

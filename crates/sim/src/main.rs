@@ -44,6 +44,10 @@ enum Cmd {
         /// Where the Markdown table is written
         #[arg(long, default_value = "target/fleet-bench.md")]
         out: std::path::PathBuf,
+        /// Measure only these sections (comma-separated: agent, coordinator, e2e, brokers)
+        /// [default: all]
+        #[arg(long, value_delimiter = ',', value_name = "SECTION")]
+        only: Vec<fleet_sim::bench::Section>,
     },
 }
 
@@ -127,8 +131,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     runtime.block_on(async move {
         match cli.command {
-            Cmd::Bench { quick, out } => {
-                fleet_sim::bench::run(fleet_sim::bench::Options { quick, out }).await
+            Cmd::Bench { quick, out, only } => {
+                fleet_sim::bench::run(fleet_sim::bench::Options { quick, out, only }).await
             }
             Cmd::Demo {
                 devices,
