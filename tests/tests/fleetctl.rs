@@ -481,3 +481,71 @@ fn pause_resume_abort_and_rollback() {
         "{audit:#?}"
     );
 }
+
+/// `rollout promote` refused three ways, each telling the operator what happened and what to
+/// do: a rollout that is not A/B (the coordinator refuses, exit 3, with its hint), an arm that
+/// is neither A nor B (a usage error, exit 2, nothing sent), a rollout that does not exist.
+#[test]
+fn promote_refusals_name_the_problem_and_the_next_step() {
+    let site = site("ctl-promote");
+    let ctl = &site.ctl;
+
+    // A bad arm name: clap refuses it before fleetctl connects.
+    let bad_arm = ctl.run(&["rollout", "promote", "r-1", "C"]).fails(2);
+    assert!(
+        bad_arm.stderr.contains("\"C\" is not an arm; use A or B"),
+        "{}",
+        bad_arm.stderr
+    );
+    assert!(bad_arm.stderr.contains("<ARM>"), "{}", bad_arm.stderr);
+
+    // An unknown rollout.
+    let unknown = ctl.run(&["rollout", "promote", "r-nope", "A"]).fails(3);
+    assert!(
+        unknown.stderr.contains("error: no rollout r-nope"),
+        "{}",
+        unknown.stderr
+    );
+    assert!(
+        unknown.stderr.contains("hint: `fleetctl rollout list`"),
+        "{}",
+        unknown.stderr
+    );
+
+    // A canary-rolling rollout has no arms: refused, and the hint names what continues it.
+    let v1 = site.releases.sign("v1", &ReleaseSpec::new("1.0.0", 1));
+    let started: RolloutState = ctl
+        .run(&["rollout", "start", manifest_arg(&v1), "--json"])
+        .json();
+    let id = started.rollout.to_string();
+    let refused = ctl.run(&["rollout", "promote", &id, "A"]).fails(3);
+    assert!(
+        refused.stderr.contains(&format!(
+            "error: rollout {id} uses strategy canary-rolling, not ab: it has no arms to promote"
+        )),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        refused
+            .stderr
+            .contains(&format!("hint: `fleetctl rollout approve {id}`")),
+        "{}",
+        refused.stderr
+    );
+    assert!(refused.stdout.is_empty(), "{}", refused.stdout);
+
+    // Refused means untouched: the rollout goes on, and the refusal is audited.
+    let after = status(ctl, &id);
+    assert_eq!(after.strategy.to_string(), "canary-rolling");
+    assert!(after.arms.is_empty(), "{after:?}");
+    assert!(!after.status.is_final(), "{after:?}");
+    let audit: Vec<AuditEntry> = ctl.run(&["audit", "--rollout", &id, "--json"]).json();
+    assert!(
+        audit.iter().any(|e| e.actor_name == "alice"
+            && e.action == "promote"
+            && e.outcome.starts_with("refused: ")),
+        "{audit:#?}"
+    );
+    ctl.run(&["rollout", "abort", &id]).ok();
+}

@@ -12,6 +12,11 @@
 //! (zero failed requests), and a bad one caught by the canary and switched back while the
 //! old instances keep running ([`blue_green`]).
 //!
+//! `--strategy ab` shows an A/B rollout instead: two releases on two stratified arms, observed
+//! side by side, arm B with a higher error rate; the operator reads the report's arms and
+//! promotes A, which rolls out by canary-rolling waves to every other device, B's included
+//! ([`ab`]).
+//!
 //! The operator side goes through `fleetctl`'s library (MQTT requests to the coordinator), so
 //! the demo drives the system exactly as a person with `fleetctl` would.
 
@@ -22,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use fleet_proto::operator::{AuditQuery, Command, DeviceStatus, DeviceView, ReplyBody};
-use fleet_proto::rollout::{RolloutState, RolloutStatus};
+use fleet_proto::release::StrategyKind;
+use fleet_proto::rollout::{Arm, RolloutState, RolloutStatus};
 use fleet_proto::{DeviceId, RolloutId, SignedRelease, UnixMillis};
 use fleetctl::link::{Answer, Link};
 use fleetctl::settings::{Broker, Settings};
@@ -33,7 +39,7 @@ use crate::site::{Layout, Site};
 #[derive(Clone, Debug)]
 pub struct Options {
     pub devices: usize,
-    /// `canary-rolling` (the default demo) or `blue-green`.
+    /// `canary-rolling` (the default demo), `blue-green` or `ab`.
     pub strategy: Strategy,
     /// Keep the working directory (registry, device disks, logs) instead of removing it.
     pub keep: bool,
@@ -47,6 +53,9 @@ pub enum Strategy {
     /// Agents with the forwarder: a first install, a good blue-green release under traffic
     /// (zero failed requests), then a bad one caught and switched back.
     BlueGreen,
+    /// Two releases on two arms, observed side by side; the better one is promoted and rolls
+    /// out to the rest.
+    Ab,
 }
 
 impl std::str::FromStr for Strategy {
@@ -56,8 +65,9 @@ impl std::str::FromStr for Strategy {
         match s {
             "canary-rolling" => Ok(Strategy::CanaryRolling),
             "blue-green" => Ok(Strategy::BlueGreen),
+            "ab" => Ok(Strategy::Ab),
             other => Err(format!(
-                "the demo shows canary-rolling or blue-green, not {other:?}"
+                "the demo shows canary-rolling, blue-green or ab, not {other:?}"
             )),
         }
     }
@@ -123,7 +133,10 @@ async fn wait_devices(
 }
 
 fn progress_line(clock: &Clock, s: &RolloutState) -> String {
-    let wave = if s.current_wave.current == 0 {
+    // An A/B rollout's wave 0 is its two arms.
+    let wave = if s.current_wave.current == 0 && s.strategy == StrategyKind::Ab {
+        "arms".to_owned()
+    } else if s.current_wave.current == 0 {
         "canary".to_owned()
     } else {
         format!("wave {}/{}", s.current_wave.current, s.current_wave.total)
@@ -150,6 +163,17 @@ async fn follow(
     rollout: &RolloutId,
     limit: Duration,
 ) -> anyhow::Result<RolloutState> {
+    follow_until(link, clock, rollout, limit, |_| false).await
+}
+
+/// Follows a rollout's state until `stop` holds or it ends, printing each change.
+async fn follow_until(
+    link: &mut Link,
+    clock: &Clock,
+    rollout: &RolloutId,
+    limit: Duration,
+    stop: impl Fn(&RolloutState) -> bool,
+) -> anyhow::Result<RolloutState> {
     link.follow(rollout).await?;
     let deadline = Instant::now() + limit;
     let mut current = state(link, rollout).await?;
@@ -171,14 +195,18 @@ async fn follow(
             println!("{}", progress_line(clock, &current));
             printed = key;
         }
-        if !approval_noted && current.current_wave.current >= 1 {
+        // An A/B rollout's waves start with a promotion, not an approval.
+        if !approval_noted
+            && current.current_wave.current >= 1
+            && current.strategy != StrategyKind::Ab
+        {
             approval_noted = true;
             println!(
                 "  {}   canary gate passed; approval is automatic in this demo (approval = \"auto\"); an operator would run `fleetctl rollout approve {rollout}`",
                 clock.stamp()
             );
         }
-        if current.status.is_final() {
+        if current.status.is_final() || stop(&current) {
             return Ok(current);
         }
         if Instant::now() > deadline {
@@ -282,6 +310,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     let result = match options.strategy {
         Strategy::CanaryRolling => scenario(&mut site, &app, &layout).await,
         Strategy::BlueGreen => blue_green(&mut site, &app, &layout).await,
+        Strategy::Ab => ab(&mut site, &app, &layout).await,
     };
     let shutdown = site.shutdown().await;
     let leftovers = processes_under(dir.path());
@@ -794,6 +823,237 @@ async fn blue_green(site: &mut Site, app: &std::path::Path, layout: &Layout) -> 
     }
 
     epilogue(link, &[&r2, &r3]).await
+}
+
+/// Each arm's share of the fleet in the A/B demo, in percent: with 24 devices, six per arm.
+const AB_PERCENT: u32 = 25;
+/// The A/B demo's observation window: seconds instead of the hours a real comparison takes.
+const OBSERVATION: &str = "10s";
+
+/// Plans an A/B rollout (prints the checklist's verdict and both arms by hardware type and
+/// region, then the winner's waves) and starts it.
+async fn start_ab(
+    link: &mut Link,
+    clock: &Clock,
+    a: SignedRelease,
+    b: SignedRelease,
+) -> anyhow::Result<RolloutId> {
+    let plan = match ask(
+        link,
+        Command::PlanAb {
+            a: a.clone(),
+            b: b.clone(),
+        },
+    )
+    .await?
+    {
+        ReplyBody::Plan(p) => p,
+        _ => bail!("the coordinator answered a plan request with something else"),
+    };
+    let passed = plan.checklist.iter().filter(|i| i.ok).count();
+    println!(
+        "  {} plan {}: {passed}/{} checklist items pass",
+        clock.stamp(),
+        plan.release,
+        plan.checklist.len()
+    );
+    for item in plan.checklist.iter().filter(|i| !i.ok) {
+        println!("  {}   ✗ {}: {}", clock.stamp(), item.name, item.detail);
+    }
+    let counts = |m: &BTreeMap<String, u32>| {
+        m.iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for wave in &plan.waves {
+        println!(
+            "  {}   {:<30} {:>2} devices  types: {}  regions: {}",
+            clock.stamp(),
+            wave.name,
+            wave.devices.len(),
+            counts(&wave.by_type),
+            counts(&wave.by_region)
+        );
+    }
+    println!(
+        "  {}   (the losing arm's devices join the winner's wave 1)",
+        clock.stamp()
+    );
+    for (id, why) in &plan.excluded {
+        println!("  {}   not now: {id}: {why}", clock.stamp());
+    }
+    match ask(link, Command::StartAb { a, b }).await? {
+        ReplyBody::Started(s) => {
+            println!(
+                "  {} started rollout {}: `fleetctl rollout start a.toml --versus b.toml`",
+                clock.stamp(),
+                s.rollout
+            );
+            Ok(s.rollout)
+        }
+        _ => bail!("the coordinator answered a start request with something else"),
+    }
+}
+
+/// `fleet-sim demo --strategy ab`: demo-app 2.1.0 (arm A) and 2.0.0 (arm B, 3 % of its work
+/// fails) on two disjoint arms dealt pairwise from each hardware type and region, observed
+/// side by side; the report compares them, the operator promotes A, and A rolls out by
+/// canary-rolling waves to every other device, arm B's included. Nothing is installed before:
+/// the arms are each device's first install.
+async fn ab(site: &mut Site, app: &std::path::Path, layout: &Layout) -> anyhow::Result<()> {
+    let clock = Clock(Instant::now());
+    let total = site.devices.len();
+    let mut link = open(site, layout, &clock).await?;
+    let work = site.dir.join("build");
+    std::fs::create_dir_all(&work)?;
+    // Design: A carries the higher counter. An agent never accepts a counter below one it
+    // accepted, so only the arm with the higher counter can take over the other arm's devices
+    // when it is promoted (ARCHITECTURE.md, "Deviations").
+    let arm = |version: &str, counter: u64| Spec {
+        strategy: "ab",
+        ab: Some((AB_PERCENT, OBSERVATION)),
+        ..Spec::new(version, counter)
+    };
+    let a = arm("2.1.0", 2);
+    let b = Spec {
+        // The regression the comparison should reveal: 3 % of its work fails, below the
+        // error-rate trigger (+5 pts), so only the side-by-side comparison shows it.
+        faults: ["--error-rate", "0.03"].map(str::to_owned).to_vec(),
+        ..arm("2.0.0", 1)
+    };
+    println!(
+        "  {} building and signing demo-app {} (#{}) for arm A and {} (#{}, 3 % of its work fails) for arm B (strategy ab)",
+        clock.stamp(),
+        a.version,
+        a.counter,
+        b.version,
+        b.counter
+    );
+    println!(
+        "  A has the higher counter: agents never accept a lower one, so only A can take over B's devices"
+    );
+    let mut built = Vec::new();
+    for spec in [&a, &b] {
+        let (release, _) = releases::build(
+            spec,
+            app,
+            &work,
+            &site.artifacts,
+            site.http,
+            &site.key,
+            now(),
+        )?;
+        built.push(release);
+    }
+    let [release_a, release_b]: [SignedRelease; 2] = built
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("two releases were built"))?;
+
+    println!(
+        "\n== 1. A/B: demo-app {} (arm A) against {} (arm B), {AB_PERCENT} % of the fleet each, observed for {OBSERVATION}",
+        a.version, b.version
+    );
+    let rollout = start_ab(&mut link, &clock, release_a, release_b).await?;
+    let observed = follow_until(&mut link, &clock, &rollout, Duration::from_secs(180), |s| {
+        s.status == RolloutStatus::AwaitingApproval
+    })
+    .await?;
+    if observed.status != RolloutStatus::AwaitingApproval {
+        bail!(
+            "the A/B rollout ended {} instead of awaiting a promotion: {}",
+            observed.status,
+            observed.last_action
+        );
+    }
+    for arm in &observed.arms {
+        println!(
+            "  {}   arm {}: {} on {} devices, {} healthy, {} failed, {}",
+            clock.stamp(),
+            arm.arm,
+            arm.release,
+            arm.devices,
+            arm.healthy,
+            arm.failed,
+            arm.status
+        );
+    }
+
+    println!("\n== 2. the arms side by side: fleetctl report {rollout}\n");
+    let report = match ask(
+        &mut link,
+        Command::Report {
+            rollout: rollout.clone(),
+        },
+    )
+    .await?
+    {
+        ReplyBody::Report(r) => r,
+        _ => bail!("the coordinator answered a report request with something else"),
+    };
+    // The comparison is the report's last section.
+    let table = report
+        .markdown
+        .find("## A/B arms")
+        .map_or(report.markdown.as_str(), |at| &report.markdown[at..]);
+    println!("{}", table.trim_end());
+    let arms = report
+        .ab
+        .as_ref()
+        .context("the report of an A/B rollout compares its arms")?;
+    let rate = |arm: Arm| {
+        arms.arms
+            .iter()
+            .find(|x| x.arm == arm)
+            .and_then(|x| x.error_rate)
+            .map(|e| e.value * 100.0)
+    };
+    let (Some(rate_a), Some(rate_b)) = (rate(Arm::A), rate(Arm::B)) else {
+        bail!("an arm reported no error rate during its observation");
+    };
+    if rate_b <= rate_a {
+        bail!("arm B's error rate ({rate_b:.2} %) is not above arm A's ({rate_a:.2} %)");
+    }
+    println!(
+        "\n  {} arm B fails {rate_b:.2} % of its work, arm A {rate_a:.2} %: the operator promotes A",
+        clock.stamp()
+    );
+
+    println!("\n== 3. promote arm A: fleetctl rollout promote {rollout} A");
+    ask(
+        &mut link,
+        Command::Promote {
+            rollout: rollout.clone(),
+            arm: Arm::A,
+        },
+    )
+    .await?;
+    let end = follow(&mut link, &clock, &rollout, Duration::from_secs(240)).await?;
+    if end.status != RolloutStatus::Completed {
+        bail!(
+            "arm A's rollout ended {} instead of completed: {}",
+            end.status,
+            end.last_action
+        );
+    }
+    wait_devices(
+        &mut link,
+        Duration::from_secs(60),
+        "every device on arm A's release",
+        |d| {
+            d.len() == total
+                && d.iter()
+                    .all(|d| d.active.as_ref().is_some_and(|x| x.version == a.version))
+        },
+    )
+    .await?;
+    println!(
+        "  {} completed: fleet: {}",
+        clock.stamp(),
+        show_versions(&devices(&mut link).await?)
+    );
+
+    epilogue(link, &[&rollout]).await
 }
 
 /// Both deployment reports, the last rollout's state block and an audit summary.

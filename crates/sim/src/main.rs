@@ -29,8 +29,9 @@ enum Cmd {
         /// Keep the working directory (registry, device disks) instead of removing it
         #[arg(long)]
         keep: bool,
-        /// The releases' strategy: canary-rolling, or blue-green (every agent gets the
-        /// forwarder; a good release switched under load, a bad one switched back)
+        /// The releases' strategy: canary-rolling, blue-green (every agent gets the
+        /// forwarder; a good release switched under load, a bad one switched back), or ab
+        /// (two releases observed side by side, the better one promoted)
         #[arg(long, default_value = "canary-rolling")]
         strategy: fleet_sim::demo::Strategy,
     },
@@ -142,6 +143,10 @@ fn main() -> anyhow::Result<()> {
                 anyhow::ensure!(
                     devices >= 6,
                     "--devices must be at least 6 (three types, two regions)"
+                );
+                anyhow::ensure!(
+                    strategy != fleet_sim::demo::Strategy::Ab || devices >= 12,
+                    "--strategy ab needs at least 12 devices (two of each type and region, one for each arm)"
                 );
                 fleet_sim::demo::run(fleet_sim::demo::Options {
                     devices,

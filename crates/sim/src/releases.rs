@@ -18,12 +18,15 @@ pub struct Spec {
     pub rollback_to: Option<(u64, String)>,
     /// Extra `fleet-demo-app` arguments: this release's faults.
     pub faults: Vec<String>,
-    /// `strategy.kind`: `canary-rolling` or `blue-green`.
+    /// `strategy.kind`: `canary-rolling`, `blue-green` or `ab`.
     pub strategy: &'static str,
     /// The trial's consecutive good probes (for blue-green: while warming up, then again
     /// under traffic) and the time between probes.
     pub good_probes: u32,
     pub probe_interval: &'static str,
+    /// Strategy `ab` only: each arm's share of the targets in percent (`ab_percent`) and the
+    /// observation window before an operator promotes one (`observation`).
+    pub ab: Option<(u32, &'static str)>,
 }
 
 impl Spec {
@@ -37,6 +40,7 @@ impl Spec {
             strategy: "canary-rolling",
             good_probes: 3,
             probe_interval: "500ms",
+            ab: None,
         }
     }
 }
@@ -150,7 +154,7 @@ waves = [50, 100]
 canary_soak = "6s"
 wave_soak = "4s"
 approval = "auto"
-"#,
+{ab}"#,
         version = spec.version,
         counter = spec.counter,
         expires = now.saturating_add(std::time::Duration::from_secs(30 * 86_400)),
@@ -160,6 +164,12 @@ approval = "auto"
         good_probes = spec.good_probes,
         probe_interval = spec.probe_interval,
         strategy = spec.strategy,
+        ab = spec
+            .ab
+            .map(|(percent, observation)| {
+                format!("ab_percent = {percent}\nobservation = \"{observation}\"\n")
+            })
+            .unwrap_or_default(),
     );
     let release = manifest::parse(&text, now).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((SignedRelease::sign(&release, key), text))

@@ -124,3 +124,66 @@ fn the_blue_green_demo_switches_without_a_failed_request_and_switches_back() {
         .unwrap_or_else(|| panic!("no count of requests:\n{out}"));
     assert!(completed.contains(", 0 failed ("), "{completed}");
 }
+
+/// `fleet-sim demo --strategy ab`: both arms planned by type and region and observed side by
+/// side, arm B's error rate above arm A's, A promoted, every device on A at the end.
+#[test]
+fn the_ab_demo_compares_the_arms_promotes_a_and_ends_with_every_device_on_a() {
+    let out = demo(&["demo", "--devices", "12", "--strategy", "ab"]);
+    for fact in [
+        "12 agents online, nothing installed yet",
+        "== 1. A/B: demo-app 2.1.0 (arm A) against 2.0.0 (arm B)",
+        "checklist items pass",
+        "arm A (demo-app 2.1.0 (#2))",
+        "arm B (demo-app 2.0.0 (#1))",
+        "awaiting_approval arms",
+        "== 2. the arms side by side: fleetctl report r-1",
+        "| metric | arm A | arm B |",
+        "| release | demo-app 2.1.0 (#2) | demo-app 2.0.0 (#1) |",
+        "Winner: none yet",
+        "== 3. promote arm A: fleetctl rollout promote r-1 A",
+        "completed: fleet: 12 on 2.1.0",
+        "- **Strategy**: ab",
+        "Winner: arm A (promoted)",
+        "strategy: ab",
+        "status: completed",
+        "deployed_count: 12",
+        "arm_a: demo-app 2.1.0 (#2) devices=3 deployed=3 healthy=3 failed=0 status=promoted",
+        "1 × demo-operator    promote",
+        "stopped every agent and application; removed /tmp/fleet-demo-",
+    ] {
+        assert!(
+            out.contains(fact),
+            "the demo's output lacks {fact:?}:\n{out}"
+        );
+    }
+    // Both arms hold every hardware type and both regions.
+    for arm in ["arm A (", "arm B ("] {
+        let line = out
+            .lines()
+            .find(|l| l.contains(arm) && l.contains("types: "))
+            .unwrap_or_else(|| panic!("no plan line for {arm}:\n{out}"));
+        for stratum in [
+            "jetson-orin 1",
+            "rpi4 1",
+            "x86-gateway 1",
+            "eu-west ",
+            "us-east ",
+        ] {
+            assert!(line.contains(stratum), "{arm} lacks {stratum}: {line}");
+        }
+    }
+    // The report's error rates: B's above A's.
+    let rates = out
+        .lines()
+        .find(|l| l.starts_with("| error rate ("))
+        .unwrap_or_else(|| panic!("no error-rate row:\n{out}"));
+    let percent = |cell: &str| -> f64 { cell.trim().split(' ').next().unwrap().parse().unwrap() };
+    let cells: Vec<&str> = rates.split('|').collect();
+    let (a, b) = (percent(cells[2]), percent(cells[3]));
+    assert!(b > a, "B ({b} %) is not worse than A ({a} %): {rates}");
+    assert!(
+        out.contains("the operator promotes A"),
+        "the demo says why it promotes A:\n{out}"
+    );
+}
