@@ -18,8 +18,8 @@ use fleet_proto::device::{Desired, EventKind, Heartbeat, OutcomeKind, Reported};
 use fleet_proto::frame::Kind;
 use fleet_proto::hex::Sha256;
 use fleet_proto::operator::{
-    ActorKind, Command, DeviceStatus, DeviceView, Plan, Refused, Reply, ReplyBody, ReplyResult,
-    Request,
+    ActorKind, CheckItem, Command, DeviceStatus, DeviceView, Plan, PlannedWave, Refused, Reply,
+    ReplyBody, ReplyResult, Request,
 };
 use fleet_proto::release::Release;
 use fleet_proto::rollout::RolloutState;
@@ -41,6 +41,7 @@ use crate::operators::Operators;
 use crate::registry::{AuditRow, Batch, DesiredRow, DeviceRow, OutMsg, Store};
 use crate::report;
 use crate::trust::Keyring;
+use crate::waves::Targets;
 
 fn now() -> UnixMillis {
     UnixMillis::from_system(SystemTime::now())
@@ -499,6 +500,82 @@ impl Driver {
             topic: Topic::Desired(d.device.clone()).to_string(),
             payload: encode(&msg),
             retain: true,
+        })
+    }
+
+    /// The answer to `plan`: the checklist, the waves and the devices left out with the reason;
+    /// audited, since an operator looked at the fleet with it.
+    fn plan_reply(
+        &mut self,
+        now: UnixMillis,
+        operator: &str,
+        label: String,
+        items: Vec<CheckItem>,
+        targets: &Targets,
+        waves: Vec<PlannedWave>,
+    ) -> ReplyResult {
+        let failed = items.iter().filter(|i| !i.ok).count();
+        self.audit_row(
+            now,
+            Actor::Operator(operator.to_owned()),
+            None,
+            None,
+            format!("plan {label}"),
+            format!(
+                "{} of {} checklist items passed",
+                items.len() - failed,
+                items.len()
+            ),
+        );
+        let mut excluded = targets.excluded.clone();
+        excluded.extend(
+            targets
+                .busy
+                .iter()
+                .map(|(d, r)| (d.clone(), format!("in unfinished rollout {r}"))),
+        );
+        Driver::accepted(ReplyBody::Plan(Plan {
+            release: label,
+            checklist: items,
+            waves,
+            excluded,
+        }))
+    }
+
+    /// A start refused because checklist items failed: audited, every failed item named.
+    fn refuse_failed_checklist(
+        &mut self,
+        now: UnixMillis,
+        operator: &str,
+        what: &str,
+        label: &str,
+        items: Vec<CheckItem>,
+        plan_command: &str,
+    ) -> ReplyResult {
+        let failed: Vec<String> = items
+            .iter()
+            .filter(|i| !i.ok)
+            .map(|i| i.name.clone())
+            .collect();
+        self.audit_row(
+            now,
+            Actor::Operator(operator.to_owned()),
+            None,
+            None,
+            format!("start {label}"),
+            format!("refused: checklist failed: {}", failed.join(", ")),
+        );
+        ReplyResult::Refused(Refused {
+            message: format!(
+                "{what} of {label} refused: {} of {} checklist items failed: {}",
+                failed.len(),
+                items.len(),
+                failed.join("; ")
+            ),
+            hint: Some(format!(
+                "fix each failed item (see its fix), then start again; `{plan_command}` re-checks without deploying"
+            )),
+            checklist: items,
         })
     }
 
@@ -1431,52 +1508,17 @@ impl Driver {
         };
         if !start {
             let waves = v.plan.planned_waves(&lookup);
-            self.audit_row(
-                now,
-                Actor::Operator(req.operator.clone()),
-                None,
-                None,
-                format!("plan {label}"),
-                format!(
-                    "{} of {} checklist items passed",
-                    v.items.len() - v.failed().len(),
-                    v.items.len()
-                ),
-            );
-            let mut excluded = v.targets.excluded.clone();
-            excluded.extend(
-                v.targets
-                    .busy
-                    .iter()
-                    .map(|(d, r)| (d.clone(), format!("in unfinished rollout {r}"))),
-            );
-            return Driver::accepted(ReplyBody::Plan(Plan {
-                release: label,
-                checklist: v.items.clone(),
-                waves,
-                excluded,
-            }));
+            return self.plan_reply(now, &req.operator, label, v.items, &v.targets, waves);
         }
         if !v.ok() {
-            let failed: Vec<String> = v.failed().iter().map(|i| i.name.clone()).collect();
-            self.audit_row(
+            return self.refuse_failed_checklist(
                 now,
-                Actor::Operator(req.operator.clone()),
-                None,
-                None,
-                format!("start {label}"),
-                format!("refused: checklist failed: {}", failed.join(", ")),
+                &req.operator,
+                "rollout",
+                &label,
+                v.items,
+                "fleetctl plan",
             );
-            return ReplyResult::Refused(Refused {
-                message: format!(
-                    "rollout of {label} refused: {} of {} checklist items failed: {}",
-                    failed.len(),
-                    v.items.len(),
-                    failed.join("; ")
-                ),
-                hint: Some("fix each failed item (see its fix), then start again; `fleetctl plan` re-checks without deploying".into()),
-                checklist: v.items,
-            });
         }
         let id = match RolloutId::new(format!("r-{}", self.next_rollout)) {
             Ok(id) => id,
@@ -1593,52 +1635,17 @@ impl Driver {
                     w.name = format!("wave {} (the promoted arm)", i + 1);
                 }
             }
-            self.audit_row(
-                now,
-                Actor::Operator(req.operator.clone()),
-                None,
-                None,
-                format!("plan {label}"),
-                format!(
-                    "{} of {} checklist items passed",
-                    v.items.len() - v.failed().len(),
-                    v.items.len()
-                ),
-            );
-            let mut excluded = v.targets.excluded.clone();
-            excluded.extend(
-                v.targets
-                    .busy
-                    .iter()
-                    .map(|(d, r)| (d.clone(), format!("in unfinished rollout {r}"))),
-            );
-            return Driver::accepted(ReplyBody::Plan(Plan {
-                release: label,
-                checklist: v.items.clone(),
-                waves,
-                excluded,
-            }));
+            return self.plan_reply(now, &req.operator, label, v.items, &v.targets, waves);
         }
         if !v.ok() {
-            let failed: Vec<String> = v.failed().iter().map(|i| i.name.clone()).collect();
-            self.audit_row(
+            return self.refuse_failed_checklist(
                 now,
-                Actor::Operator(req.operator.clone()),
-                None,
-                None,
-                format!("start {label}"),
-                format!("refused: checklist failed: {}", failed.join(", ")),
+                &req.operator,
+                "A/B rollout",
+                &label,
+                v.items,
+                "fleetctl plan A.toml --versus B.toml",
             );
-            return ReplyResult::Refused(Refused {
-                message: format!(
-                    "A/B rollout of {label} refused: {} of {} checklist items failed: {}",
-                    failed.len(),
-                    v.items.len(),
-                    failed.join("; ")
-                ),
-                hint: Some("fix each failed item (see its fix), then start again; `fleetctl plan A.toml --versus B.toml` re-checks without deploying".into()),
-                checklist: v.items,
-            });
         }
         let id = match RolloutId::new(format!("r-{}", self.next_rollout)) {
             Ok(id) => id,
