@@ -128,7 +128,8 @@ fn pids_of(version: &str) -> Vec<i32> {
             .split(|b| *b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        let is_server = args.first().is_some_and(|a| a.ends_with("fleet-demo-app"))
+        // Under qemu-user (binfmt_misc, the aarch64 run in CI) the interpreter comes first.
+        let is_server = args.iter().take(2).any(|a| a.ends_with("fleet-demo-app"))
             && args
                 .windows(2)
                 .any(|w| w[0] == "--version" && w[1] == version)
