@@ -90,7 +90,7 @@ impl MqttProbe {
         if let Some((user, password)) = login {
             options.set_credentials(user, password);
         }
-        let config = fleetctl::tls::client_config(ca, client_cert).map_err(ConnectError::Failed)?;
+        let config = fleet_tls::client_config(ca, client_cert).map_err(ConnectError::Failed)?;
         options.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(config),
         ));

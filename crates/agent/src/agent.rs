@@ -1230,7 +1230,7 @@ fn mqtt_security(
     let tls = match &m.ca {
         None => None,
         Some(ca) => Some(
-            crate::tls::client_config(ca, m.client_cert.as_deref().zip(m.client_key.as_deref()))
+            fleet_tls::client_config(ca, m.client_cert.as_deref().zip(m.client_key.as_deref()))
                 .map_err(|e| Error::Config(format!("mqtt TLS: {e}")))?,
         ),
     };

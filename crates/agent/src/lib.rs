@@ -45,7 +45,6 @@ pub mod outbox;
 pub mod runtime;
 pub mod slots;
 pub mod snapshot;
-pub mod tls;
 pub mod traffic;
 pub mod trial;
 

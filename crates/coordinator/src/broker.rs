@@ -79,7 +79,7 @@ impl Broker {
                 }
                 let server_tls = tls
                     .as_ref()
-                    .map(|t| crate::tls::server_config(&t.cert, &t.key, t.client_ca.as_deref()))
+                    .map(|t| fleet_tls::server_config(&t.cert, &t.key, t.client_ca.as_deref()))
                     .transpose()
                     .map_err(BrokerError::Security)?;
                 let credentials = credentials

@@ -132,7 +132,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         opts.set_credentials(u.clone(), String::new());
     }
     if let Some(tls) = &own.tls {
-        let client = crate::tls::client_config(
+        let client = fleet_tls::client_config(
             &tls.ca,
             tls.client_cert
                 .as_ref()

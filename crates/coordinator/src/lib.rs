@@ -48,7 +48,6 @@ pub mod registry;
 pub mod report;
 #[doc(hidden)]
 pub mod testkit;
-pub mod tls;
 pub mod trust;
 pub mod waves;
 

@@ -112,7 +112,7 @@ fn client(
         o.set_credentials(u, p);
     }
     if let Some(ca) = ca {
-        let config = fleet_coordinator::tls::client_config(ca, None).unwrap();
+        let config = fleet_tls::client_config(ca, None).unwrap();
         o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
     }
     AsyncClient::new(o, 64)
@@ -302,7 +302,7 @@ async fn a_device_cannot_report_for_another_device_command_or_touch_desired_stat
         QoS::AtLeastOnce,
         true,
     ));
-    let config = fleet_coordinator::tls::client_config(&ca(), None).unwrap();
+    let config = fleet_tls::client_config(&ca(), None).unwrap();
     o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
     let (_c, mut el) = AsyncClient::new(o, 8);
     assert!(

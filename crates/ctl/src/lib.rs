@@ -15,7 +15,6 @@ pub mod link;
 pub mod pack;
 pub mod render;
 pub mod settings;
-pub mod tls;
 pub mod watch;
 
 use fleet_proto::operator::Refused;

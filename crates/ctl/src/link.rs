@@ -57,7 +57,7 @@ impl Link {
         let broker = &settings.broker;
         let mut options = MqttOptions::new(random_id("fleetctl"), &broker.host, broker.port);
         if let Some(tls) = &secure.tls {
-            let config = crate::tls::client_config(
+            let config = fleet_tls::client_config(
                 &tls.ca,
                 tls.client_cert
                     .as_ref()

@@ -1,6 +1,6 @@
-//! TLS settings from PEM files, with rustls and the `ring` provider (no process-wide default
-//! provider is installed: many coordinators and agents may share a process in tests and
-//! fleet-sim, and `ring` cross-builds for aarch64 where aws-lc does not easily).
+//! TLS settings from PEM files, with rustls and the `ring` provider. No process-wide default
+//! provider is installed: fleet-sim runs many agents, a coordinator and fleetctl's link in one
+//! process, and `ring` cross-builds for aarch64 where aws-lc does not easily.
 
 use std::path::Path;
 use std::sync::Arc;
