@@ -103,6 +103,7 @@ fn scenario(kind: Kind) {
         release: Some(SignedRelease::sign(&evil, &attacker)),
         report_interval: Duration::from_secs(1),
         retry: 0,
+        hold: false,
     });
     let mut rogue = rogue_device(&site, kind, "tls-2");
     let closed = rogue.publish_or_closed("fleet/v1/devices/tls-1/desired", forged);

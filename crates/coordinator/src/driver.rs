@@ -495,6 +495,7 @@ impl Driver {
             release,
             report_interval: d.report_interval,
             retry: d.retry,
+            hold: false,
         };
         Some(OutMsg {
             topic: Topic::Desired(d.device.clone()).to_string(),

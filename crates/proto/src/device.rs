@@ -71,6 +71,13 @@ pub struct Desired {
     pub report_interval: Duration,
     /// Raised by the coordinator to retry a release this device remembers as failed.
     pub retry: u32,
+    // Appended by issue 9: an older coordinator's frame ends before it (see `frame::appended`).
+    /// Blue-green: once this release commits, keep the previous version's instance running
+    /// beside it, without traffic, until a desired state without `hold` arrives. The coordinator
+    /// sets it until the device's wave is confirmed, so that rolling the wave back is a switch
+    /// back to an instance that never stopped.
+    #[serde(default, deserialize_with = "crate::frame::appended")]
+    pub hold: bool,
 }
 
 /// A release installed in a slot.

@@ -9,7 +9,9 @@
 //!
 //! Design: postcard is not self-describing. Within one version, fields and variants are only
 //! ever appended; a reader ignores bytes after the message so that an older reader still decodes
-//! a newer writer's frame whose top-level struct grew. Anything else bumps [`VERSION`].
+//! a newer writer's frame whose top-level struct grew, and a field appended to a top-level struct
+//! is read with [`appended`] so that a newer reader still decodes an older writer's frame (the
+//! field takes its default). Anything else bumps [`VERSION`].
 
 use std::fmt;
 
@@ -103,6 +105,22 @@ impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// Reads a field appended to the end of a top-level message: `#[serde(default, deserialize_with
+/// = "fleet_proto::frame::appended")]`. An older writer's postcard frame ends before the field,
+/// which then takes its default instead of failing the whole frame as truncated.
+///
+/// Design: postcard cannot tell "the frame ended" from "the bytes are not a `T`", so both read as
+/// the default. An appended field must therefore be one whose default is the safe reading (the
+/// behaviour before the field existed), and only the last fields of a top-level message may use
+/// this: inside a nested struct it would swallow the next field's bytes.
+pub fn appended<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de> + Default,
+{
+    Ok(T::deserialize(deserializer).unwrap_or_default())
 }
 
 /// A message that travels on a fleet topic.

@@ -52,6 +52,7 @@ fn desired() -> Desired {
         release: Some(SignedRelease::sign(&release(42, "2.4.1"), &key(1))),
         report_interval: Duration::from_secs(10),
         retry: 0,
+        hold: true,
     }
 }
 
@@ -237,9 +238,11 @@ fn an_oversized_frame_is_refused_before_decoding() {
 
 #[test]
 fn every_truncation_of_every_frame_is_refused_as_truncated() {
-    fn all_prefixes<M: Message + std::fmt::Debug>(msg: &M) {
+    /// `appended`: bytes of fields read with `frame::appended` at the end of the frame; a cut
+    /// before them reads as an older writer's frame (`a_newer_reader_…` below).
+    fn all_prefixes<M: Message + std::fmt::Debug>(msg: &M, appended: usize) {
         let frame = encode(msg);
-        for len in 1..frame.len() {
+        for len in 1..frame.len() - appended {
             let err = decode::<M>(&frame[..len]).unwrap_err();
             assert!(
                 matches!(
@@ -251,12 +254,12 @@ fn every_truncation_of_every_frame_is_refused_as_truncated() {
             );
         }
     }
-    all_prefixes(&heartbeat());
-    all_prefixes(&desired());
-    all_prefixes(&reported());
-    all_prefixes(&event());
-    all_prefixes(&online());
-    all_prefixes(&request());
+    all_prefixes(&heartbeat(), 0);
+    all_prefixes(&desired(), 1);
+    all_prefixes(&reported(), 0);
+    all_prefixes(&event(), 0);
+    all_prefixes(&online(), 0);
+    all_prefixes(&request(), 0);
 
     let frame = encode(&heartbeat());
     refused::<Heartbeat>(
@@ -295,6 +298,27 @@ fn an_older_reader_ignores_fields_appended_by_a_newer_writer() {
     let mut frame = encode(&online());
     frame.extend_from_slice(&[1, 2, 3]);
     assert_eq!(decode::<Online>(&frame).unwrap(), online());
+}
+
+#[test]
+fn a_newer_reader_reads_an_older_writers_frame_without_the_appended_fields() {
+    // A coordinator from before issue 9 wrote desired states without `hold`: its frame is
+    // today's minus the last byte, and reads as "do not hold" (stop the old instance at the
+    // commit, as that coordinator expected).
+    let frame = encode(&desired());
+    let older = decode::<Desired>(&frame[..frame.len() - 1]).unwrap();
+    assert_eq!(
+        older,
+        Desired {
+            hold: false,
+            ..desired()
+        }
+    );
+    // And a journal written before it (JSON, no `hold` key) reads the same way.
+    let mut json = serde_json::to_value(desired()).unwrap();
+    json.as_object_mut().unwrap().remove("hold");
+    let from_json: Desired = serde_json::from_value(json).unwrap();
+    assert!(!from_json.hold);
 }
 
 #[test]

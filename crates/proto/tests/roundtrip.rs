@@ -296,15 +296,17 @@ fn desired() -> impl Strategy<Value = Desired> {
         proptest::option::of(signed_release()),
         duration(),
         any::<u32>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(device, sequence, rollout, release, report_interval, retry)| Desired {
+            |(device, sequence, rollout, release, report_interval, retry, hold)| Desired {
                 device,
                 sequence,
                 rollout,
                 release,
                 report_interval,
                 retry,
+                hold,
             },
         )
 }

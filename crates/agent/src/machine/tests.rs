@@ -106,6 +106,7 @@ fn desired(sequence: u64, r: Option<&Release>, retry: u32) -> Input {
             release: r.map(|r| SignedRelease::sign(r, &key())),
             report_interval: Duration::from_secs(10),
             retry,
+            hold: false,
         },
         disk_free: 1 << 30,
     }
@@ -388,6 +389,7 @@ fn refusals_leave_everything_alone() {
                     release: Some(forged),
                     report_interval: Duration::from_secs(10),
                     retry: 0,
+                    hold: false,
                 },
                 disk_free: 1 << 30,
             },

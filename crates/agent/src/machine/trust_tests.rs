@@ -105,6 +105,7 @@ fn desired(sequence: u64, r: &Release, by: &SigningKey) -> Input {
             release: Some(SignedRelease::sign(r, by)),
             report_interval: Duration::from_secs(10),
             retry: 0,
+            hold: false,
         },
         disk_free: 1 << 30,
     }

@@ -438,6 +438,7 @@ pub fn desired(
         release,
         report_interval: Duration::from_secs(1),
         retry,
+        hold: false,
     }
 }
 
