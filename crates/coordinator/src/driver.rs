@@ -495,7 +495,7 @@ impl Driver {
             release,
             report_interval: d.report_interval,
             retry: d.retry,
-            hold: false,
+            hold: d.hold,
         };
         Some(OutMsg {
             topic: Topic::Desired(d.device.clone()).to_string(),
@@ -1129,6 +1129,7 @@ impl Driver {
                     sequence,
                     report_interval,
                     retry,
+                    hold,
                 } => {
                     let row = DesiredRow {
                         device: device.clone(),
@@ -1137,6 +1138,7 @@ impl Driver {
                         release,
                         report_interval,
                         retry,
+                        hold,
                     };
                     if let Some(m) = self.desired_msg(&row) {
                         self.outbox.push(m);

@@ -10,13 +10,18 @@
 //! straight on with `approval = "auto"`) → ROLLOUT, wave by wave, each gated → CONFIRM, a last
 //! soak over every deployed device → completed. A trigger rolls back the current wave, halts
 //! and returns to PREPARE; the fleet-wide trigger rolls back every deployed device.
+//!
+//! Blue-green: a device is sent the release with `hold` (keep the previous instance warm)
+//! until its wave is confirmed (its gate passed, or an operator approved past it) or the
+//! rollout ends; then it is sent the release again without `hold`. Rolling a held wave back
+//! is sending the previous release, which the agent serves by switching back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use fleet_proto::device::{OutcomeKind, RollbackReason};
 use fleet_proto::hex::Sha256;
-use fleet_proto::release::{Approval, Release};
+use fleet_proto::release::{Approval, Release, StrategyKind};
 use fleet_proto::rollout::{
     Arm, ArmState, FailurePattern, Phase, RolloutState, RolloutStatus, Verdict, WaveCursor,
     WaveState,
@@ -106,6 +111,10 @@ pub struct Assignment {
     /// Strategy `ab`: the arm the device was planned into (`None`: the winner's waves).
     #[serde(default)]
     pub arm: Option<Arm>,
+    /// Strategy `blue-green`: the latest desired state this rollout published to the device
+    /// asked it to keep its previous instance warm (see [`Action::Desire::hold`]).
+    #[serde(default)]
+    pub held: bool,
     /// Latest health sample; not persisted (refilled by the next heartbeat).
     #[serde(skip)]
     pub latest: Option<Sample>,
@@ -136,6 +145,7 @@ impl Assignment {
             catch_up: false,
             quarantined: false,
             arm: None,
+            held: false,
             latest: None,
         }
     }
@@ -164,6 +174,10 @@ pub struct Wave {
     /// A worsening trend extended the soak and asked for fast reports.
     pub watching: bool,
     pub verdict: Option<Verdict>,
+    /// The gate passed, or an operator approved past it: for blue-green, the wave's devices
+    /// no longer keep their previous instance warm.
+    #[serde(default)]
+    pub confirmed: bool,
     /// Health samples from this wave's devices running the release.
     pub agg: Agg,
     pub sent: u32,
@@ -188,6 +202,7 @@ impl Wave {
             extensions: 0,
             watching: false,
             verdict: None,
+            confirmed: false,
             agg: Agg::default(),
             sent: 0,
             deployed: 0,
@@ -370,6 +385,10 @@ pub enum Action {
         sequence: u64,
         report_interval: Duration,
         retry: u32,
+        /// Blue-green: keep the previous release's instance warm beside this one until a
+        /// desired state without `hold` arrives (`Desired.hold`). Set while the device's wave
+        /// is not confirmed, so that rolling it back is a switch back.
+        hold: bool,
     },
     Quarantine {
         device: DeviceId,
@@ -741,6 +760,105 @@ impl Rollout {
         });
         self.phase = phase;
         self.status = status;
+        if status.is_final() {
+            // Design: every way a rollout ends (completed, aborted, halted, rolled back) comes
+            // through here, so this is where no device is left holding an old instance that
+            // nothing would ever release. The devices a halt or a rollback reverted were
+            // already sent their previous release (without hold) and are not held any more.
+            self.release_holds(None, &format!("rollout {status} ({event})"), out);
+        }
+    }
+
+    /// Strategy `blue-green`: whether a device of wave `wave` sent `release` keeps its
+    /// previous instance warm. Only this rollout's release is held (a return to the previous
+    /// release switches back and stops the new one), and only until the wave is confirmed or
+    /// the rollout is over.
+    fn hold_for(&self, wave: usize, release: Option<Sha256>) -> bool {
+        self.release.strategy.kind == StrategyKind::BlueGreen
+            && release == Some(self.digest)
+            && !self.wave_confirmed(wave)
+            && !self.is_final()
+    }
+
+    /// The wave's gate passed or an operator approved past it. The waves before the current
+    /// one always are (a wave starts only once the one before it was), which also covers a
+    /// rollout persisted before waves recorded it.
+    pub fn wave_confirmed(&self, wave: usize) -> bool {
+        wave < self.current || self.waves.get(wave).is_none_or(|w| w.confirmed)
+    }
+
+    /// Devices whose previous instance is kept warm now: committed the release under hold.
+    pub fn warm(&self) -> BTreeMap<usize, u32> {
+        let mut n = BTreeMap::new();
+        for a in self.devices.values() {
+            if a.held && a.state == DevState::Deployed {
+                *n.entry(a.wave as usize).or_insert(0) += 1;
+            }
+        }
+        n
+    }
+
+    /// The wave's gate passed or an operator approved past it. Blue-green: its devices stop
+    /// the previous instance, so they are sent the release again without hold. `republish`
+    /// sends every device of the wave that has the release its desired state again anyway
+    /// (with the normal report interval, after a watched soak).
+    fn confirm_wave(&mut self, i: usize, republish: bool, out: &mut Vec<Action>) {
+        let Some(w) = self.waves.get_mut(i) else {
+            return;
+        };
+        w.confirmed = true;
+        let name = w.name.clone();
+        if !republish {
+            self.release_holds(Some(i), &format!("{name} confirmed"), out);
+            return;
+        }
+        let held = self
+            .devices
+            .values()
+            .filter(|a| {
+                a.held
+                    && a.wave as usize == i
+                    && matches!(a.state, DevState::Sent | DevState::Deployed)
+            })
+            .count();
+        self.republish_wave(i, false, out);
+        if held > 0 {
+            out.push(Action::Audit {
+                actor: Actor::Coordinator,
+                device: None,
+                action: "release old instances".into(),
+                outcome: format!("{name} confirmed: old instances released on {held} devices"),
+            });
+        }
+    }
+
+    /// Publishes the release again without hold to every device (of `wave`, or of every wave)
+    /// that was last sent it with hold and still has it (sent or committed), and audits it.
+    fn release_holds(&mut self, wave: Option<usize>, why: &str, out: &mut Vec<Action>) {
+        let held: Vec<(DeviceId, bool)> = self
+            .devices
+            .iter()
+            .filter(|(_, a)| {
+                a.held
+                    && wave.is_none_or(|w| a.wave as usize == w)
+                    && matches!(a.state, DevState::Sent | DevState::Deployed)
+            })
+            .map(|(d, a)| (d.clone(), self.waves[a.wave as usize].watching))
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        for (id, fast) in &held {
+            let fast = *fast && !self.is_final();
+            let digest = self.release_of(id).0;
+            self.desire(id, Some(digest), fast, out);
+        }
+        out.push(Action::Audit {
+            actor: Actor::Coordinator,
+            device: None,
+            action: "release old instances".into(),
+            outcome: format!("{why}: old instances released on {} devices", held.len()),
+        });
     }
 
     fn desire(
@@ -756,23 +874,32 @@ impl Rollout {
             self.settings.report_interval
         };
         let b_digest = self.ab.as_ref().map(|ab| ab.b_digest);
+        let Some(wave) = self.devices.get(id).map(|a| a.wave as usize) else {
+            return;
+        };
+        let hold = self.hold_for(wave, release);
         let Some(a) = self.devices.get_mut(id) else {
             return;
         };
         // A device an operator quarantined keeps what it runs; only a return to its previous
-        // release may still be sent to it.
+        // release may still be sent to it, or (blue-green) the release it has without hold,
+        // which stops the old instance it keeps warm.
+        let lifts_hold = a.held && !hold && release == Some(self.digest);
         if a.quarantined
+            && !lifts_hold
             && (release == Some(self.digest) || (release.is_some() && release == b_digest))
         {
             return;
         }
         a.sequence += 1;
+        a.held = hold;
         out.push(Action::Desire {
             device: id.clone(),
             release,
             sequence: a.sequence,
             report_interval: interval,
             retry: a.retry,
+            hold,
         });
         self.dirty.insert(id.clone());
     }
@@ -1646,10 +1773,8 @@ impl Rollout {
                     action: format!("gate {name}"),
                     outcome: format!("pass: {why}"),
                 });
-                if watching {
-                    self.waves[i].watching = false;
-                    self.republish_wave(i, false, out);
-                }
+                self.waves[i].watching = false;
+                self.confirm_wave(i, watching, out);
                 self.advance(now, &format!("{name} gate passed"), out);
             }
             GateVerdict::Inconclusive => {
@@ -2048,6 +2173,8 @@ impl Rollout {
                     },
                 );
                 self.blockers.clear();
+                let current = self.current;
+                self.confirm_wave(current, false, out);
                 self.next_wave(now, &format!("approved by {operator}"), out);
             }
             OperatorCommand::Pause => {
@@ -2303,7 +2430,7 @@ impl Rollout {
                 total: self.waves.len().saturating_sub(1) as u32,
             },
             last_action: self.last_action.clone(),
-            next_action: self.next_action.clone(),
+            next_action: self.next_action_with_warm(),
             blockers: self.blockers.clone(),
             waves: self
                 .waves
@@ -2331,6 +2458,25 @@ impl Rollout {
             updated_at: now,
             arms: self.arm_states(),
         }
+    }
+
+    /// The next action, and (blue-green) which devices keep their old instance warm until
+    /// when: a rollback of those waves is a switch back.
+    fn next_action_with_warm(&self) -> String {
+        let warm: Vec<String> = self
+            .warm()
+            .into_iter()
+            .map(|(i, n)| {
+                format!(
+                    "old instances kept warm on {n} devices until {} is confirmed",
+                    self.waves[i].name
+                )
+            })
+            .collect();
+        if warm.is_empty() || self.is_final() {
+            return self.next_action.clone();
+        }
+        format!("{}; {}", self.next_action, warm.join("; "))
     }
 
     /// Strategy `ab`: each arm in the state block.

@@ -125,6 +125,11 @@ const MIGRATIONS: &[&str] = &[
         added_at INTEGER NOT NULL
     );
     ",
+    // 3: blue-green's hold in the desired state (republished on every start and reconnect, so
+    // a restart must not drop it: the device would stop the old instance a rollback needs).
+    "
+    ALTER TABLE desired ADD COLUMN hold INTEGER NOT NULL DEFAULT 0;
+    ",
 ];
 
 /// One audit row to append.
@@ -156,6 +161,8 @@ pub struct DesiredRow {
     pub release: Option<Sha256>,
     pub report_interval: Duration,
     pub retry: u32,
+    /// Blue-green: keep the previous instance warm (`Desired.hold`).
+    pub hold: bool,
 }
 
 /// A device row: the core's view plus the latest full heartbeat.
@@ -321,7 +328,7 @@ impl Store {
 
     pub fn load_desired(&self) -> Result<Vec<DesiredRow>, StoreError> {
         let mut st = self.conn.prepare(
-            "SELECT device, sequence, rollout, release_digest, report_interval_ms, retry FROM desired",
+            "SELECT device, sequence, rollout, release_digest, report_interval_ms, retry, hold FROM desired",
         )?;
         let rows = st.query_map([], |r| {
             Ok((
@@ -331,11 +338,12 @@ impl Store {
                 r.get::<_, Option<String>>(3)?,
                 r.get::<_, i64>(4)?,
                 r.get::<_, i64>(5)?,
+                r.get::<_, bool>(6)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (d, seq, rollout, digest, ms, retry) = row?;
+            let (d, seq, rollout, digest, ms, retry, hold) = row?;
             let corrupt = |detail: String| StoreError::Corrupt {
                 what: format!("desired/{d}"),
                 detail,
@@ -353,6 +361,7 @@ impl Store {
                     .map_err(|e| corrupt(e.to_string()))?,
                 report_interval: Duration::from_millis(ms as u64),
                 retry: retry as u32,
+                hold,
             });
         }
         Ok(out)
@@ -478,10 +487,10 @@ impl Store {
                 ])?;
             }
             let mut st = tx.prepare_cached(
-                "INSERT INTO desired (device, sequence, rollout, release_digest, report_interval_ms, retry, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                "INSERT INTO desired (device, sequence, rollout, release_digest, report_interval_ms, retry, updated_at, hold)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT(device) DO UPDATE SET sequence = ?2, rollout = ?3, release_digest = ?4,
-                   report_interval_ms = ?5, retry = ?6, updated_at = ?7",
+                   report_interval_ms = ?5, retry = ?6, updated_at = ?7, hold = ?8",
             )?;
             for d in &b.desired {
                 st.execute(params![
@@ -491,7 +500,8 @@ impl Store {
                     d.release.map(|r| r.to_string()),
                     d.report_interval.as_millis() as i64,
                     i64::from(d.retry),
-                    now.0 as i64
+                    now.0 as i64,
+                    d.hold
                 ])?;
             }
             for r in &b.rollouts {
@@ -677,5 +687,64 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("append-only"), "{e}");
+    }
+
+    fn desired(device: &str, sequence: u64, hold: bool) -> DesiredRow {
+        DesiredRow {
+            device: DeviceId::new(device).unwrap(),
+            sequence,
+            rollout: Some(RolloutId::new("r-1").unwrap()),
+            release: Some(Sha256::of(b"2.0")),
+            report_interval: Duration::from_secs(10),
+            retry: 0,
+            hold,
+        }
+    }
+
+    /// A restart republishes the stored desired states: blue-green's hold must survive it, or
+    /// the devices would stop the old instances a rollback of their wave switches back to.
+    #[test]
+    fn desired_states_keep_their_hold_across_a_restart_and_an_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.db");
+        // A registry written before hold existed (schema 2), with one desired state.
+        {
+            let conn = Connection::open(&p).unwrap();
+            for (i, m) in MIGRATIONS.iter().take(2).enumerate() {
+                conn.execute_batch(m).unwrap();
+                conn.pragma_update(None, "user_version", i + 1).unwrap();
+            }
+            conn.execute(
+                "INSERT INTO desired (device, sequence, rollout, release_digest, report_interval_ms, retry, updated_at)
+                 VALUES ('old', 3, 'r-1', ?1, 10000, 0, 1)",
+                [Sha256::of(b"2.0").to_string()],
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(&p).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
+        assert_eq!(s.load_desired().unwrap(), vec![desired("old", 3, false)]);
+        let b = Batch {
+            desired: vec![desired("held", 7, true), desired("old", 4, false)],
+            ..Batch::default()
+        };
+        s.commit(&b, UnixMillis(2)).unwrap();
+        drop(s);
+        let s = Store::open(&p).unwrap();
+        let mut rows = s.load_desired().unwrap();
+        rows.sort_by(|a, b| a.device.cmp(&b.device));
+        assert_eq!(
+            rows,
+            vec![desired("held", 7, true), desired("old", 4, false)]
+        );
+        // Released: the same device, a higher sequence, no hold.
+        let mut s = s;
+        let b = Batch {
+            desired: vec![desired("held", 8, false)],
+            ..Batch::default()
+        };
+        s.commit(&b, UnixMillis(3)).unwrap();
+        let rows = s.load_desired().unwrap();
+        assert!(rows.contains(&desired("held", 8, false)), "{rows:?}");
     }
 }

@@ -39,8 +39,11 @@ impl Run {
                     device,
                     release: Some(d),
                     sequence,
+                    hold,
                     ..
                 } => {
+                    // Only blue-green keeps an old instance warm.
+                    assert!(!hold, "an A/B rollout held {device}");
                     let v = self.versions[&d].clone();
                     let ok = self.fails_on.as_deref() != Some(v.as_str());
                     if ok {

@@ -13,6 +13,7 @@ use fleet_coordinator::model::DeviceInfo;
 use fleet_coordinator::testkit::{self, Behaviour, Knobs, T0, VirtualFleet};
 use fleet_proto::DeviceId;
 use fleet_proto::device::{AppStatus, OutcomeKind, RollbackReason};
+use fleet_proto::hex::Sha256;
 use fleet_proto::rollout::{FailurePattern, Phase, RolloutStatus, Verdict};
 
 fn settings() -> Settings {
@@ -645,4 +646,359 @@ fn a_trial_that_fails_after_its_wave_halted_still_quarantines_the_device() {
         "no quarantine for {}",
         jetsons[1]
     );
+}
+
+// Blue-green (issue 9): the old instance stays warm until the device's wave is confirmed.
+
+fn blue_green() -> Knobs {
+    Knobs {
+        strategy: "blue-green",
+        ..Knobs::default()
+    }
+}
+
+/// The latest desired state the rollout published to `device`: (release, sequence, hold).
+fn last_desire(f: &VirtualFleet, device: &DeviceId) -> Option<(Option<Sha256>, u64, bool)> {
+    f.log.iter().rev().find_map(|(_, a)| match a {
+        Action::Desire {
+            device: d,
+            release,
+            sequence,
+            hold,
+            ..
+        } if d == device => Some((*release, *sequence, *hold)),
+        _ => None,
+    })
+}
+
+/// Devices whose latest desired state asks them to keep the old instance warm.
+fn held(f: &VirtualFleet) -> Vec<DeviceId> {
+    f.rollout
+        .devices
+        .keys()
+        .filter(|d| last_desire(f, d).is_some_and(|(_, _, hold)| hold))
+        .cloned()
+        .collect()
+}
+
+/// The desires in `actions` (device → (release, sequence, hold)).
+fn desires(actions: &[Action]) -> BTreeMap<DeviceId, (Option<Sha256>, u64, bool)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Desire {
+                device,
+                release,
+                sequence,
+                hold,
+                ..
+            } => Some((device.clone(), (*release, *sequence, *hold))),
+            _ => None,
+        })
+        .collect()
+}
+
+fn audits(actions: &[Action]) -> Vec<String> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Audit { outcome, .. } => Some(outcome.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn blue_green_holds_each_wave_until_its_own_gate_passes() {
+    let (mut f, _) = setup(40, blue_green(), &[]);
+    f.auto_approve = true;
+    let digest = f.rollout.digest;
+    let canary = wave_of(&f.rollout, 0);
+    let wave1 = wave_of(&f.rollout, 1);
+    // The canary was sent the release with hold; nobody else was sent anything.
+    for d in &canary {
+        assert_eq!(
+            last_desire(&f, d).map(|(r, _, h)| (r, h)),
+            Some((Some(digest), true))
+        );
+    }
+    assert_eq!(held(&f), canary);
+    // Committed and soaking: the state block says who keeps an old instance warm, until when.
+    assert!(f.run_until(Duration::from_secs(120), |r| {
+        r.waves[0].deployed == r.waves[0].sent
+    }));
+    let s = f.rollout.state_block(f.now);
+    assert!(
+        s.next_action.ends_with(&format!(
+            "old instances kept warm on {} devices until canary is confirmed",
+            canary.len()
+        )),
+        "{}",
+        s.next_action
+    );
+    let sent_seq: BTreeMap<DeviceId, u64> = canary
+        .iter()
+        .map(|d| (d.clone(), last_desire(&f, d).unwrap().1))
+        .collect();
+
+    // The canary gate passes: the canary, and only the canary, is sent the release again,
+    // without hold and with a higher sequence, at the same instant.
+    let before = f.log.len();
+    assert!(f.run_until(Duration::from_secs(3600), |r| r.waves[0].confirmed));
+    let at = f.now;
+    let step: Vec<Action> = f.log[before..]
+        .iter()
+        .filter(|(t, _)| *t == at)
+        .map(|(_, a)| a.clone())
+        .collect();
+    let released: BTreeMap<DeviceId, (Option<Sha256>, u64, bool)> = desires(&step)
+        .into_iter()
+        .filter(|(d, _)| !wave1.contains(d))
+        .collect();
+    assert_eq!(
+        released.keys().cloned().collect::<Vec<_>>(),
+        canary,
+        "{step:#?}"
+    );
+    for (d, (release, seq, hold)) in &released {
+        assert_eq!(*release, Some(digest), "{d}");
+        assert!(!hold, "{d}");
+        assert!(*seq > sent_seq[d], "{d}: {seq} <= {}", sent_seq[d]);
+    }
+    assert!(
+        audits(&step).contains(&format!(
+            "canary confirmed: old instances released on {} devices",
+            canary.len()
+        )),
+        "{:?}",
+        audits(&step)
+    );
+    // Wave 1 (approved in the same step) is sent the release with hold: its own gate decides.
+    assert_eq!(f.rollout.current, 1);
+    assert_eq!(held(&f), wave1);
+    assert!(f.run_until(Duration::from_secs(120), |r| {
+        r.waves[1].deployed == r.waves[1].sent
+    }));
+    let s = f.rollout.state_block(f.now);
+    assert!(
+        s.next_action.ends_with(&format!(
+            "old instances kept warm on {} devices until wave 1 is confirmed",
+            wave1.len()
+        )),
+        "{}",
+        s.next_action
+    );
+    assert!(f.run_until(Duration::from_secs(3600), |r| r.waves[1].confirmed));
+    assert!(
+        held(&f).iter().all(|d| !wave1.contains(d)),
+        "{:?}",
+        held(&f)
+    );
+    assert!(held(&f).iter().all(|d| f.rollout.devices[d].wave == 2));
+
+    // Completed: nothing is held, nothing is said to be warm.
+    assert!(f.run_until(Duration::from_secs(6 * 3600), |r| r.status
+        == RolloutStatus::Completed));
+    assert!(held(&f).is_empty(), "{:?}", held(&f));
+    assert!(f.rollout.devices.values().all(|a| !a.held));
+    let s = f.rollout.state_block(f.now);
+    assert!(!s.next_action.contains("warm"), "{}", s.next_action);
+    for w in &f.rollout.waves {
+        assert!(w.confirmed, "{}", w.name);
+    }
+}
+
+#[test]
+fn a_halted_blue_green_wave_is_sent_its_previous_release_without_hold() {
+    for (name, canary_b, wave1_b, halted_wave) in [
+        ("canary", Some(Behaviour::Errors(0.5)), None, 0u32),
+        ("wave 1", None, Some(Behaviour::Errors(0.4)), 1),
+    ] {
+        let (mut f, devices) = setup(40, blue_green(), &[]);
+        for (w, b) in [(0, canary_b), (1, wave1_b)] {
+            if let Some(b) = b {
+                for d in wave_of(&f.rollout, w) {
+                    f.behaviour.insert(d, b);
+                }
+            }
+        }
+        assert!(
+            f.run_until(Duration::from_secs(6 * 3600), |r| r.is_final()),
+            "{name}"
+        );
+        assert_eq!(f.rollout.status, RolloutStatus::Halted, "{name}");
+        assert_eq!(f.rollout.current as u32, halted_wave, "{name}");
+        for d in wave_of(&f.rollout, halted_wave) {
+            let previous = devices[&d].active.as_ref().map(|a| a.digest);
+            assert_eq!(
+                last_desire(&f, &d).map(|(r, _, h)| (r, h)),
+                Some((previous, false)),
+                "{name}: {d}"
+            );
+            // It was held until then: the rollback is a switch back to the warm instance.
+            assert!(
+                f.log.iter().any(
+                    |(_, a)| matches!(a, Action::Desire { device, hold: true, .. } if *device == d)
+                ),
+                "{name}: {d}"
+            );
+        }
+        assert!(held(&f).is_empty(), "{name}: {:?}", held(&f));
+    }
+}
+
+#[test]
+fn approving_past_an_inconclusive_blue_green_gate_releases_the_wave() {
+    let (mut f, _) = setup(40, blue_green(), &[]);
+    let digest = f.rollout.digest;
+    let canary = wave_of(&f.rollout, 0);
+    f.rollout.settings.gate.min_samples = 1_000_000;
+    f.auto_approve = false;
+    assert!(f.run_until(Duration::from_secs(4 * 3600), |r| {
+        r.status == RolloutStatus::AwaitingApproval
+    }));
+    assert_eq!(f.rollout.waves[0].verdict, Some(Verdict::Inconclusive));
+    // Held for an operator: the canary still keeps its old instances.
+    assert_eq!(held(&f), canary);
+    assert!(!f.rollout.waves[0].confirmed);
+    let before = f.log.len();
+    f.step(Event::Operator {
+        operator: "alice".into(),
+        command: OperatorCommand::Approve,
+    });
+    let step: Vec<Action> = f.log[before..].iter().map(|(_, a)| a.clone()).collect();
+    let d = desires(&step);
+    for c in &canary {
+        assert_eq!(
+            d.get(c).map(|(r, _, h)| (*r, *h)),
+            Some((Some(digest), false))
+        );
+    }
+    assert!(
+        audits(&step)
+            .iter()
+            .any(|a| a.starts_with("canary confirmed: old instances released")),
+        "{:?}",
+        audits(&step)
+    );
+    assert_eq!(held(&f), wave_of(&f.rollout, 1));
+}
+
+#[test]
+fn every_end_of_a_blue_green_rollout_leaves_nothing_held() {
+    type Finish = fn(&mut VirtualFleet);
+    fn operator(f: &mut VirtualFleet, command: OperatorCommand) {
+        f.step(Event::Operator {
+            operator: "ana".into(),
+            command,
+        });
+    }
+    let table: [(&str, Finish, RolloutStatus); 4] = [
+        (
+            "abort",
+            |f| operator(f, OperatorCommand::Abort),
+            RolloutStatus::Aborted,
+        ),
+        (
+            "pause then abort",
+            |f| {
+                operator(f, OperatorCommand::Pause);
+                operator(f, OperatorCommand::Abort);
+            },
+            RolloutStatus::Aborted,
+        ),
+        (
+            "rollback",
+            |f| operator(f, OperatorCommand::Rollback),
+            RolloutStatus::RolledBack,
+        ),
+        (
+            "fleet trigger",
+            |f| {
+                for d in f.rollout.devices.keys().cloned().collect::<Vec<_>>() {
+                    if f.rollout.devices[&d].state == DevState::Deployed {
+                        f.step(Event::Heartbeat {
+                            device: d,
+                            sample: testkit::healthy("2.0", 0.9),
+                        });
+                    }
+                    if f.rollout.is_final() {
+                        break;
+                    }
+                }
+            },
+            RolloutStatus::RolledBack,
+        ),
+    ];
+    for (name, finish, status) in table {
+        let (mut f, _) = setup(
+            40,
+            Knobs {
+                // The fleet trigger before any wave trigger.
+                error_rate_pts: if name == "fleet trigger" { 95.0 } else { 5.0 },
+                ..blue_green()
+            },
+            &[],
+        );
+        f.auto_approve = true;
+        // Wave 1 committed and soaking: held, the canary released.
+        assert!(f.run_until(Duration::from_secs(6 * 3600), |r| {
+            r.current == 1 && r.waves[1].deployed > 0 && r.waves[1].installing == 0
+        }));
+        assert_eq!(held(&f), wave_of(&f.rollout, 1), "{name}");
+        let before = f.log.len();
+        finish(&mut f);
+        assert_eq!(
+            f.rollout.status, status,
+            "{name}: {}",
+            f.rollout.last_action
+        );
+        assert!(held(&f).is_empty(), "{name}: {:?}", held(&f));
+        assert!(f.rollout.devices.values().all(|a| !a.held), "{name}");
+        if status == RolloutStatus::Aborted {
+            // Aborted: the devices keep the release, and stop the old instance.
+            let step: Vec<Action> = f.log[before..].iter().map(|(_, a)| a.clone()).collect();
+            for d in wave_of(&f.rollout, 1) {
+                assert_eq!(
+                    desires(&step).get(&d).map(|(r, _, h)| (*r, *h)),
+                    Some((Some(f.rollout.digest), false)),
+                    "{name}: {d}"
+                );
+            }
+            assert!(
+                audits(&step)
+                    .iter()
+                    .any(|a| a.contains("old instances released on")),
+                "{name}: {:?}",
+                audits(&step)
+            );
+        }
+    }
+}
+
+#[test]
+fn canary_rolling_and_rolling_update_never_hold() {
+    for strategy in ["canary-rolling", "rolling-update"] {
+        let (mut f, _) = setup(
+            40,
+            Knobs {
+                strategy,
+                ..Knobs::default()
+            },
+            &[],
+        );
+        f.auto_approve = true;
+        assert!(f.run_until(Duration::from_secs(6 * 3600), |r| r.status
+            == RolloutStatus::Completed));
+        assert!(
+            !f.log
+                .iter()
+                .any(|(_, a)| matches!(a, Action::Desire { hold: true, .. })),
+            "{strategy}"
+        );
+        assert!(
+            !f.log.iter().any(|(_, a)| matches!(a, Action::Audit { outcome, .. } if outcome.contains("old instances"))),
+            "{strategy}"
+        );
+    }
 }

@@ -357,6 +357,127 @@ async fn a_bad_canary_halts_and_rolls_back() {
     running.stop().await.unwrap();
 }
 
+/// The desired states a device received for `digest`: (sequence, hold).
+fn received(d: &FakeDevice, digest: fleet_proto::hex::Sha256) -> Vec<(u64, bool)> {
+    d.log
+        .lock()
+        .unwrap()
+        .desired
+        .iter()
+        .filter(|x| x.release.as_ref().map(|r| r.digest()) == Some(digest))
+        .map(|x| (x.sequence, x.hold))
+        .collect()
+}
+
+/// Blue-green: the canary's desired states ask it to keep the old instance warm, a restarted
+/// coordinator republishes them with the hold (it is stored with them), and an abort releases
+/// the old instances with a higher sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_blue_green_holds_and_an_abort_releases_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = fleet_coordinator::start(config(dir.path(), &[]))
+        .await
+        .unwrap();
+    let port = running.mqtt_addr.unwrap().port();
+    let (one, two) = releases(Knobs {
+        strategy: "blue-green",
+        canary_soak: "1h",
+        ..Knobs::default()
+    });
+    let devices = fleet(
+        port,
+        8,
+        &one,
+        Behaviour {
+            bad_version: None,
+            error_rate_when_bad: 0.0,
+        },
+    );
+    let mut op = Operator::connect(port, "bluegreen").await;
+    wait_registered(&mut op, 8).await;
+    let id = start(&mut op, &one.1, &two.1).await;
+    let d2 = two.1.digest();
+    let mut s = status(&mut op, &id).await;
+    for _ in 0..200 {
+        if s.waves[0].deployed == s.waves[0].devices {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s = status(&mut op, &id).await;
+    }
+    let canary = s.waves[0].devices as usize;
+    assert_eq!(s.waves[0].deployed as usize, canary, "{s:#?}");
+    assert!(
+        s.next_action.ends_with(&format!(
+            "old instances kept warm on {canary} devices until canary is confirmed"
+        )),
+        "{}",
+        s.next_action
+    );
+    let held: Vec<&FakeDevice> = devices
+        .iter()
+        .filter(|d| !received(d, d2).is_empty())
+        .collect();
+    assert_eq!(held.len(), canary);
+    for d in &held {
+        assert!(received(d, d2).iter().all(|(_, hold)| *hold), "{}", d.id);
+    }
+
+    // Restart on the same registry; the broker (and the devices on it) stay up.
+    running.stop().await.unwrap();
+    let seen: Vec<usize> = held
+        .iter()
+        .map(|d| d.log.lock().unwrap().desired.len())
+        .collect();
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let running = fleet_coordinator::start(config(
+        dir.path(),
+        &[("BROKER__MODE", "external"), ("BROKER__URL", &url)],
+    ))
+    .await
+    .unwrap();
+    for (d, n) in held.iter().zip(&seen) {
+        let first = received(d, d2)[0];
+        common::wait_for(
+            "the desired state republished",
+            Duration::from_secs(20),
+            async || {
+                let log = d.log.lock().unwrap();
+                (log.desired.len() > *n).then_some(())
+            },
+        )
+        .await;
+        let log = d.log.lock().unwrap();
+        let again = &log.desired[*n];
+        assert_eq!(again.release.as_ref().map(|r| r.digest()), Some(d2));
+        assert_eq!((again.sequence, again.hold), first, "{}", d.id);
+    }
+
+    // Aborted: the devices keep 2.0 and stop the old instance.
+    let r = op
+        .ask(Command::Abort {
+            rollout: id.clone(),
+        })
+        .await;
+    assert!(matches!(r.result, ReplyResult::Accepted(_)), "{r:?}");
+    for d in &held {
+        let first = received(d, d2)[0];
+        let released = common::wait_for("hold released", Duration::from_secs(20), async || {
+            received(d, d2).into_iter().find(|(_, hold)| !hold)
+        })
+        .await;
+        assert!(
+            released.0 > first.0,
+            "{}: {released:?} after {first:?}",
+            d.id
+        );
+    }
+    let s = status(&mut op, &id).await;
+    assert_eq!(s.status, RolloutStatus::Aborted);
+    assert!(!s.next_action.contains("warm"), "{}", s.next_action);
+    running.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_are_counted_and_dropped() {
     let dir = tempfile::tempdir().unwrap();

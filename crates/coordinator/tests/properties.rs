@@ -77,6 +77,7 @@ fn fleet_strategy() -> impl Strategy<Value = Vec<(u8, u8, bool, bool)>> {
 
 fn build(
     spec: &[(u8, u8, bool, bool)],
+    strategy: &'static str,
 ) -> Option<(Rollout, Vec<Action>, BTreeMap<DeviceId, DeviceInfo>)> {
     let (r1, s1) = testkit::signed("app", "1.0", 1, &Knobs::default());
     let k = Knobs {
@@ -85,6 +86,7 @@ fn build(
         error_rate_pts: 30.0,
         wave_soak: "2m",
         hardware: vec!["t0", "t1", "t2"],
+        strategy,
         ..Knobs::default()
     };
     let (r2, s2) = testkit::signed("app", "2.0", 2, &k);
@@ -119,24 +121,53 @@ fn build(
 proptest! {
     #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
 
+    /// Blue-green's desired states also hold the old instance until the device's wave is
+    /// confirmed (invariants 5 to 7).
     #[test]
-    fn safety_invariants(spec in fleet_strategy(), ops in prop::collection::vec(op(), 1..800)) {
-        let Some((mut r, first, devices)) = build(&spec) else { return Ok(()) };
+    fn safety_invariants(spec in fleet_strategy(), ops in prop::collection::vec(op(), 1..800), blue_green in any::<bool>()) {
+        let strategy = if blue_green { "blue-green" } else { "canary-rolling" };
+        let Some((mut r, first, devices)) = build(&spec, strategy) else { return Ok(()) };
         let ids: Vec<DeviceId> = devices.keys().cloned().collect();
         let digest = r.digest;
         let mut now = T0;
         let mut approved = false;
         let mut quarantined: BTreeSet<DeviceId> = BTreeSet::new();
-        let check_desires = |actions: &[Action], r: &Rollout, approved: bool, q: &BTreeSet<DeviceId>| -> Result<(), TestCaseError> {
-            for a in actions {
-                if let Action::Desire { device, release: Some(d), .. } = a {
-                    if *d != digest { continue; }
-                    // Invariant 1: nothing outside the canary before approval.
-                    if !approved {
-                        prop_assert_eq!(r.devices[device].wave, 0, "release sent to {} before approval", device);
-                    }
-                    // Invariant 5: quarantined devices never receive the release.
-                    prop_assert!(!q.contains(device), "release sent to quarantined {}", device);
+        // Each device's latest desired state: (release, hold).
+        let mut last: BTreeMap<DeviceId, (Option<fleet_proto::hex::Sha256>, bool)> = BTreeMap::new();
+        let mut check_desires = |actions: &[Action], r: &Rollout, approved: bool, q: &BTreeSet<DeviceId>| -> Result<(), TestCaseError> {
+            for (i, a) in actions.iter().enumerate() {
+                let Action::Desire { device, release, hold, .. } = a else { continue };
+                let before = last.insert(device.clone(), (*release, *hold));
+                // A later desire in the same step replaces this one before anyone sees it.
+                let replaced = actions[i + 1..].iter().any(|b| matches!(b, Action::Desire { device: d, .. } if d == device));
+                // Invariant 6: only blue-green holds, only its own release, only while the
+                // device's wave is not confirmed and the rollout goes on.
+                if *hold && !replaced {
+                    prop_assert!(blue_green, "{} held under {}", device, strategy);
+                    prop_assert_eq!(*release, Some(digest), "{} held on another release", device);
+                    prop_assert!(!r.is_final(), "{} held by a {} rollout", device, r.status);
+                    let wave = r.devices[device].wave as usize;
+                    prop_assert!(!r.wave_confirmed(wave), "{} held in confirmed wave {}", device, wave);
+                }
+                if *release != Some(digest) { continue; }
+                // Invariant 1: nothing outside the canary before approval.
+                if !approved {
+                    prop_assert_eq!(r.devices[device].wave, 0, "release sent to {} before approval", device);
+                }
+                // Invariant 5: quarantined devices never receive the release (blue-green: one
+                // that has it under hold is only told to stop its old instance).
+                let lifts_hold = !*hold && before == Some((Some(digest), true));
+                prop_assert!(!q.contains(device) || lifts_hold, "release sent to quarantined {}", device);
+            }
+            // Invariant 7: a rollout that ended leaves no device that has the release holding
+            // an old instance (one that failed its trial rolled back on its own: it holds none).
+            if r.is_final() {
+                for (id, a) in &r.devices {
+                    let holds = last.get(id).is_some_and(|(_, h)| *h);
+                    prop_assert!(
+                        !(holds && matches!(a.state, DevState::Sent | DevState::Deployed | DevState::Reverted)),
+                        "{} ({:?}) still held after the rollout ended {}", id, a.state, r.status
+                    );
                 }
             }
             Ok(())
