@@ -25,8 +25,10 @@ use fleet_proto::release::Release;
 use fleet_proto::rollout::RolloutState;
 use fleet_proto::trust::SignedRotation;
 use fleet_proto::{DeviceId, RolloutId, SignedRelease, Topic, UnixMillis, decode, encode};
-use rumqttc::{AsyncClient, EventLoop, MqttOptions, Packet, QoS};
-use tokio::sync::{mpsc, oneshot};
+use rumqttc::{
+    AsyncClient, EventLoop, MqttOptions, Packet, QoS, SubscribeFilter, SubscribeReasonCode,
+};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, warn};
 
 use crate::baseline::Sample;
@@ -56,11 +58,23 @@ pub struct Running {
     pub mqtt_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    /// True while the broker has acknowledged the coordinator's subscriptions.
+    subscribed: watch::Receiver<bool>,
     shutdown: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl Running {
+    /// Waits until the broker has acknowledged the coordinator's subscriptions: from then on
+    /// no device report or operator command is lost for want of a listener. [`start`] waits
+    /// for this itself with the embedded broker; with an external one it returns at once, so
+    /// a broker that is down delays readiness instead of failing the start.
+    pub async fn subscribed(&self) {
+        let mut rx = self.subscribed.clone();
+        // The sender lives as long as the MQTT loop; if that ended, there is nothing to wait for.
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
+
     /// Stops the driver and the HTTP listener and waits for the last commit. The embedded
     /// broker keeps running until the process exits (rumqttd has no shutdown API).
     pub async fn stop(mut self) -> anyhow::Result<()> {
@@ -156,7 +170,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     let (client, eventloop) = AsyncClient::new(opts, 10_000);
     let (in_tx, in_rx) = mpsc::unbounded_channel();
-    let mqtt_task = tokio::spawn(mqtt_loop(eventloop, client.clone(), in_tx));
+    let (subscribed_tx, subscribed) = watch::channel(false);
+    let mqtt_task = tokio::spawn(mqtt_loop(eventloop, client.clone(), in_tx, subscribed_tx));
 
     let mut driver = Driver::load(store, &config, client.clone(), metrics.clone())?;
     driver.restarted(now()).await?;
@@ -171,15 +186,41 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let _ = http_task.await;
         r
     });
-    Ok(Running {
+    let running = Running {
         broker: endpoint,
         mqtt_addr: broker.embedded_addr(),
         http_addr,
         metrics,
+        subscribed,
         shutdown: Some(stop_tx),
         task,
-    })
+    };
+    if running.mqtt_addr.is_some() {
+        // The embedded broker runs in this process, so this takes milliseconds unless the
+        // machine is very loaded; anything published before it would find no listener and be
+        // dropped (a test's first command was, on a loaded CI machine).
+        let wait = Duration::from_secs(30);
+        if tokio::time::timeout(wait, running.subscribed())
+            .await
+            .is_err()
+        {
+            let _ = running.stop().await;
+            anyhow::bail!(
+                "the embedded broker did not acknowledge the coordinator's subscriptions within {wait:?}; see the log above for MQTT errors"
+            );
+        }
+    }
+    Ok(running)
 }
+
+/// What the coordinator subscribes to: every device report and the operators' commands.
+const SUBSCRIBED: [Kind; 5] = [
+    Kind::State,
+    Kind::Heartbeat,
+    Kind::Event,
+    Kind::Online,
+    Kind::Command,
+];
 
 enum Incoming {
     Connected,
@@ -187,29 +228,44 @@ enum Incoming {
 }
 
 /// Polls the MQTT event loop: re-subscribes on every ConnAck (rumqttc does not restore
-/// subscriptions), forwards publishes, and backs off with jitter between errors.
-async fn mqtt_loop(mut el: EventLoop, client: AsyncClient, tx: mpsc::UnboundedSender<Incoming>) {
+/// subscriptions) and says when the broker acknowledged them, forwards publishes, and backs
+/// off with jitter between errors.
+async fn mqtt_loop(
+    mut el: EventLoop,
+    client: AsyncClient,
+    tx: mpsc::UnboundedSender<Incoming>,
+    subscribed: watch::Sender<bool>,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match el.poll().await {
             Ok(rumqttc::Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = Duration::from_millis(100);
-                for kind in [
-                    Kind::State,
-                    Kind::Heartbeat,
-                    Kind::Event,
-                    Kind::Online,
-                    Kind::Command,
-                ] {
-                    if let Err(e) = client
-                        .subscribe(Topic::filter(kind), QoS::AtLeastOnce)
-                        .await
-                    {
-                        warn!(error = %e, "cannot subscribe");
-                    }
+                subscribed.send_replace(false);
+                let filters = SUBSCRIBED
+                    .map(|kind| SubscribeFilter::new(Topic::filter(kind), QoS::AtLeastOnce));
+                if let Err(e) = client.subscribe_many(filters).await {
+                    warn!(error = %e, "cannot subscribe");
                 }
                 if tx.send(Incoming::Connected).is_err() {
                     return;
+                }
+            }
+            Ok(rumqttc::Event::Incoming(Packet::SubAck(ack))) => {
+                let refused: Vec<String> = SUBSCRIBED
+                    .iter()
+                    .zip(&ack.return_codes)
+                    .filter(|(_, code)| matches!(code, SubscribeReasonCode::Failure))
+                    .map(|(kind, _)| Topic::filter(*kind))
+                    .collect();
+                if refused.is_empty() {
+                    info!("subscribed to device reports and operator commands");
+                    subscribed.send_replace(true);
+                } else {
+                    error!(
+                        refused = %refused.join(", "),
+                        "the broker refused the coordinator's subscriptions; check its ACL for the coordinator's user"
+                    );
                 }
             }
             Ok(rumqttc::Event::Incoming(Packet::Publish(p))) => {
