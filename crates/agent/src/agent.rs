@@ -417,6 +417,7 @@ impl Driver {
                         "update phase changed"
                     );
                 }
+                log_warm(&before, &next, what);
                 if matches!(before.phase, Phase::Trial { .. }) && matches!(next.phase, Phase::Idle)
                 {
                     fault::point("commit-before-journal");
@@ -523,18 +524,33 @@ impl Driver {
                 fault::point("bluegreen-warming");
                 self.next_probe = Instant::now() + self.probe_interval();
             }
-            Action::StopStandby => {
+            Action::StopStandby { drain } => {
                 if let Some((slot, mut second)) = self.standby.take() {
+                    if drain && let Some(f) = &self.forwarder {
+                        let port = self.instance_port(slot);
+                        let open = f.drain(port, self.cfg.blue_green.drain_timeout).await;
+                        if open > 0 {
+                            warn!(slot = %slot, open, "stopping the new version with connections still open");
+                        }
+                    }
                     info!(slot = %slot, "stopping the new version's instance");
                     second.stop().await;
                 }
             }
             Action::SwitchTraffic { sequence, to } => {
-                if matches!(self.state.phase, Phase::SwitchingBack { .. }) {
+                if matches!(
+                    self.state.phase,
+                    Phase::SwitchingBack { .. } | Phase::Returning { .. }
+                ) {
                     fault::point("bluegreen-before-switch-back");
                 }
                 let result = self.switch_traffic(to).await;
                 match (&result, &self.state.phase, self.last_sample) {
+                    (Ok(()), Phase::Returning { .. }, _) => warn!(
+                        slot = %to,
+                        port = self.instance_port(to),
+                        "traffic switched back to the previous version, which never stopped"
+                    ),
                     (Ok(()), Phase::SwitchingBack { .. }, Some((at, taken))) => warn!(
                         slot = %to,
                         port = self.instance_port(to),
@@ -1030,6 +1046,16 @@ impl Driver {
         }
     }
 
+    /// Which instance has the traffic: blue-green's second one under its trial (`Proving`)
+    /// and after a commit that keeps the old one warm (`State::warm`), else the app.
+    fn serving_instance(&self) -> Instance {
+        match self.state.phase {
+            Phase::Proving { .. } => Instance::Second,
+            Phase::Idle if self.state.warm.is_some() => Instance::Second,
+            _ => Instance::Primary,
+        }
+    }
+
     /// Samples an instance. In a trial the release's own window and timeout apply; outside one
     /// (heartbeats) the agent's `app.crash_loop_window` and `reports.health_timeout`. Only a
     /// sample of the instance that has the traffic becomes the heartbeat's app health.
@@ -1047,8 +1073,7 @@ impl Driver {
                 self.cfg.reports.health_timeout,
             )
         };
-        let serving =
-            (instance == Instance::Second) == matches!(self.state.phase, Phase::Proving { .. });
+        let serving = instance == self.serving_instance();
         let (st, port, dir) = match instance {
             Instance::Primary => (
                 self.runtime.status(window).await,
@@ -1162,7 +1187,8 @@ impl Driver {
             };
             match release {
                 Some(release) => {
-                    let _ = self.sample(&release, false, Instance::Primary).await;
+                    let instance = self.serving_instance();
+                    let _ = self.sample(&release, false, instance).await;
                 }
                 None => self.last_app.status = AppStatus::NotInstalled,
             }
@@ -1191,6 +1217,41 @@ impl Driver {
             Topic::Heartbeat(self.ctx.device.clone()).to_string(),
             encode(&hb),
         );
+    }
+}
+
+/// Blue-green hold: says what happens to the previous version's warm instance in a step.
+fn log_warm(before: &State, next: &State, event: &str) {
+    let version = |slot: Slot| {
+        before
+            .slot(slot)
+            .map(|c| c.installed.version.clone())
+            .unwrap_or_default()
+    };
+    match (before.warm, next.warm) {
+        (None, Some(old)) => {
+            let v = next
+                .slot(old)
+                .map(|c| c.installed.version.clone())
+                .unwrap_or_default();
+            info!(slot = %old, version = %v, "keeping {v} warm until the coordinator confirms the wave");
+        }
+        (Some(old), None) => {
+            let v = version(old);
+            if matches!(next.phase, Phase::Returning { .. }) {
+                warn!(slot = %old, version = %v, "switching back to {v}, which never stopped");
+            } else if event == "Boot" {
+                info!(slot = %old, version = %v, "{v} was kept warm and stopped with the agent; a rollback to it takes the ordinary path");
+            } else if matches!(next.phase, Phase::Idle)
+                && next.active == before.active
+                && next.last_outcome == before.last_outcome
+            {
+                info!(slot = %old, version = %v, "wave confirmed: stopping {v}");
+            } else {
+                info!(slot = %old, version = %v, "another desired state before the wave was confirmed: stopping {v}");
+            }
+        }
+        _ => {}
     }
 }
 

@@ -27,6 +27,17 @@
 //! The new version runs *beside* the committed one (its own instance, its own port) while the
 //! old one keeps serving; the traffic switch and the switch back are actions whose result
 //! comes back as [`Input::Switched`]. The old instance is stopped only at the commit.
+//!
+//! With `Desired.hold` (the coordinator has not confirmed the wave yet) the commit leaves the
+//! old instance running without traffic ([`State::warm`]) until the coordinator decides:
+//!
+//! ```text
+//! Proving ─good, hold─▶ Idle (committed; warm = previous)
+//!   Idle (warm) ─same release, hold───────────────▶ Idle (warm)
+//!   Idle (warm) ─same release without hold / none─▶ Idle (the old instance stops)
+//!   Idle (warm) ─the warm release─▶ Returning ─switched─▶ Idle (committed: the previous version, which never stopped)
+//!   Idle (warm) ─any other release─▶ (the old instance stops) as from Idle
+//! ```
 
 use std::time::Duration;
 
@@ -78,6 +89,10 @@ pub struct Job {
     pub signed: SignedRelease,
     pub release: Release,
     pub digest: Sha256,
+    /// `Desired.hold` (issue 9, appended): a blue-green commit keeps the previous version's
+    /// instance warm ([`State::warm`]). Meaningless for other releases.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 /// A release that failed its trial here: refused until a desired state carries a higher retry.
@@ -182,6 +197,15 @@ pub enum Phase {
         to: Slot,
         reason: RollbackReason,
     },
+    /// Blue-green hold (appended): the coordinator asked for the release still running warm in
+    /// `to` (it rolls the wave back). The traffic and the `active` link go back to `to` from
+    /// `from` (the committed version) without a download, an install or a restart; then
+    /// `from`'s instance stops.
+    Returning {
+        job: Job,
+        from: Slot,
+        to: Slot,
+    },
 }
 
 impl Phase {
@@ -191,10 +215,13 @@ impl Phase {
             Phase::Downloading { .. } => UpdatePhase::Downloading,
             Phase::Installing { .. } => UpdatePhase::Installing,
             // Design: the wire keeps its six phases; the two new steps belong to the swap and
-            // to the rollback from the coordinator's point of view.
-            Phase::Swapping { .. } | Phase::Snapshotting { .. } | Phase::Switching { .. } => {
-                UpdatePhase::Swapping
-            }
+            // to the rollback from the coordinator's point of view. `Returning` is the
+            // coordinator's own rollback, which the ordinary path reports as `Swapping` too:
+            // `RollingBack` says the device is undoing a release by itself.
+            Phase::Swapping { .. }
+            | Phase::Snapshotting { .. }
+            | Phase::Switching { .. }
+            | Phase::Returning { .. } => UpdatePhase::Swapping,
             Phase::Trial { .. } | Phase::Warming { .. } | Phase::Proving { .. } => {
                 UpdatePhase::Trial
             }
@@ -217,7 +244,8 @@ impl Phase {
             | Phase::Warming { job, .. }
             | Phase::Switching { job, .. }
             | Phase::Proving { job, .. }
-            | Phase::SwitchingBack { job, .. } => Some(job),
+            | Phase::SwitchingBack { job, .. }
+            | Phase::Returning { job, .. } => Some(job),
         }
     }
 }
@@ -252,6 +280,14 @@ pub struct State {
     /// reconnect is reported once.
     #[serde(default)]
     pub rotation_refused: Option<u64>,
+    // Appended by issue 9 (blue-green hold).
+    /// The slot whose release (the version before the active one) still runs, without
+    /// traffic, beside the active one: a blue-green release committed with `Desired.hold`.
+    /// Only while `Idle`. In the driver the old instance is still the app and the active
+    /// version the second instance, so `Action::Promote` (the wave confirmed) and
+    /// `Action::StopStandby` (after `Returning`) both work as after a blue-green trial.
+    #[serde(default)]
+    pub warm: Option<Slot>,
 }
 
 /// Release keys pinned by a rotation, as journaled.
@@ -300,6 +336,7 @@ impl State {
             pinned: None,
             time_floor: UnixMillis(0),
             rotation_refused: None,
+            warm: None,
         }
     }
 
@@ -330,7 +367,7 @@ impl State {
             | Phase::Proving { slot, .. } => Some(*slot),
             Phase::RollingBack { to, .. } => *to,
             Phase::Warming { previous, .. } | Phase::Switching { previous, .. } => Some(*previous),
-            Phase::SwitchingBack { to, .. } => Some(*to),
+            Phase::SwitchingBack { to, .. } | Phase::Returning { to, .. } => Some(*to),
             _ => self.active,
         }
     }
@@ -444,8 +481,12 @@ pub enum Action {
     StartStandby {
         slot: Slot,
     },
-    /// Stop the second instance (the new version that failed).
-    StopStandby,
+    /// Stop the second instance: the new version that failed, or (`drain`) the one the
+    /// coordinator rolled back from, which had healthy traffic until the switch back: its
+    /// connections finish first (as at `Promote`).
+    StopStandby {
+        drain: bool,
+    },
     /// Send new connections to the instance of `to`; answered by [`Input::Switched`].
     SwitchTraffic {
         sequence: u64,
@@ -774,14 +815,75 @@ fn on_switched(
             to,
             reason,
         } if job.sequence == sequence => {
-            actions.push(Action::StopStandby);
+            actions.push(Action::StopStandby { drain: false });
             let problem = result.err().map(|e| {
                 format!("the traffic could not be switched back to the previous version: {e}; it runs, fix the switch (blue_green.command) and point the service at it")
             });
             finish_rollback(ctx, s, &job, Some(to), reason, problem, now, actions);
         }
+        Phase::Returning { job, to, .. } if job.sequence == sequence => {
+            // The new version's instance stops either way, as after `SwitchingBack`.
+            actions.push(Action::StopStandby { drain: true });
+            let problem = result.err().map(|e| {
+                format!("the traffic could not be switched back to the previous version: {e}; it runs, fix the switch (blue_green.command) and point the service at it")
+            });
+            finish_return(s, &job, to, problem, now, actions);
+        }
         _ => {}
     }
+}
+
+/// Blue-green hold: the wave is confirmed (or the coordinator moved on): the old instance
+/// stops once its connections have finished, and the active one stays.
+fn stop_warm(s: &mut State, actions: &mut Vec<Action>) {
+    if s.warm.take().is_some()
+        && let Some(slot) = s.active
+    {
+        actions.push(Action::Promote { slot });
+    }
+}
+
+/// Blue-green hold: the coordinator asked for the release warm in `to`: the traffic and the
+/// `active` link go back to it; `Input::Switched` then stops `from` (`finish_return`).
+fn switch_to_warm(s: &mut State, job: Job, from: Slot, to: Slot, actions: &mut Vec<Action>) {
+    // Design: the phase names both instances from here on, so `warm` is cleared now.
+    s.warm = None;
+    actions.push(Action::SwitchTraffic {
+        sequence: job.sequence,
+        to,
+    });
+    actions.push(Action::Swap { to: Some(to) });
+    s.phase = Phase::Returning { job, from, to };
+    actions.push(Action::Report);
+}
+
+/// Ends `Returning` on `to`: the coordinator's desired release runs, so the update is
+/// committed, unless the traffic could not be switched back (`problem`): then it failed as a
+/// rollback, with the message the operator needs.
+fn finish_return(
+    s: &mut State,
+    job: &Job,
+    to: Slot,
+    problem: Option<String>,
+    now: UnixMillis,
+    actions: &mut Vec<Action>,
+) {
+    s.active = Some(to);
+    s.warm = None;
+    s.applied_sequence = s.applied_sequence.max(job.sequence);
+    match problem {
+        None => {
+            s.last_outcome = Some(outcome(job, OutcomeKind::Committed, now));
+            actions.push(emit(job, EventKind::Swapped { to }));
+            actions.push(emit(job, EventKind::Committed { slot: to }));
+        }
+        Some(detail) => {
+            let reason = Failure::Rollback { detail };
+            s.last_outcome = Some(outcome(job, OutcomeKind::Failed(reason.clone()), now));
+            actions.push(emit(job, EventKind::Failed { reason }));
+        }
+    }
+    go_idle(s, actions);
 }
 
 /// The swap, preceded by the snapshot when the release needs one.
@@ -956,7 +1058,7 @@ fn on_probe(
                 }
                 Verdict::RollBack(reason) => {
                     // The new version never had traffic: stopping it is the whole rollback.
-                    actions.push(Action::StopStandby);
+                    actions.push(Action::StopStandby { drain: false });
                     finish_rollback(ctx, s, &job, Some(previous), reason, None, now, actions);
                 }
             }
@@ -989,7 +1091,13 @@ fn on_probe(
                     };
                 }
                 Verdict::Commit => {
-                    actions.push(Action::Promote { slot });
+                    if job.hold {
+                        // The coordinator may still roll the wave back: the old instance
+                        // stays as it is, without traffic (see `State::warm`).
+                        s.warm = Some(previous);
+                    } else {
+                        actions.push(Action::Promote { slot });
+                    }
                     s.active = Some(slot);
                     s.applied_sequence = s.applied_sequence.max(job.sequence);
                     s.last_outcome = Some(outcome(&job, OutcomeKind::Committed, now));
@@ -1227,13 +1335,25 @@ fn on_desired(
     }
     let sequence = desired.sequence;
     let Some(signed) = desired.release else {
-        // Keep what is installed.
+        // Keep what is installed; a warm previous version is no longer asked for.
+        stop_warm(s, actions);
         s.applied_sequence = sequence;
         actions.push(Action::Report);
         return;
     };
     let digest = signed.digest();
+    // Blue-green hold: only the release running now with `hold` again keeps the previous
+    // version warm, and only its own release can go back to it (`Returning`, admitted below
+    // like any release); anything else stops it before it is handled as from `Idle`.
+    let holds = |c: Option<&SlotContent>| c.is_some_and(|c| c.installed.digest == digest);
+    let returning = s.warm.is_some_and(|w| holds(s.slot(w)));
+    let held_again = desired.hold && holds(s.active.and_then(|a| s.slot(a)));
+    if !(returning || held_again) {
+        stop_warm(s, actions);
+    }
     let refuse = |s: &mut State, actions: &mut Vec<Action>, version: String, reason: Refusal| {
+        // A warm version the device may not go back to is of no use.
+        stop_warm(s, actions);
         s.applied_sequence = sequence;
         s.last_outcome = Some(Outcome {
             rollout: desired.rollout.clone(),
@@ -1306,6 +1426,7 @@ fn on_desired(
                 signed: signed.clone(),
                 release: release.clone(),
                 digest,
+                hold: false,
             });
             (!dirs.is_empty()).then(|| format!(
                 "blue-green runs the new version beside the old one on the same data, so the data directories ({}) cannot be snapshotted for a rollback; ship this release as canary-rolling",
@@ -1353,11 +1474,15 @@ fn on_desired(
         signed,
         release,
         digest,
+        hold: desired.hold,
     };
     if in_standby {
         accept(s, &job);
         actions.push(emit(&job, EventKind::Verified));
-        prepare_update(ctx, s, job, standby, now, actions);
+        match s.active {
+            Some(from) if s.warm == Some(standby) => switch_to_warm(s, job, from, standby, actions),
+            _ => prepare_update(ctx, s, job, standby, now, actions),
+        }
     } else {
         actions.push(Action::Download {
             job: Box::new(job.clone()),
@@ -1427,6 +1552,8 @@ fn on_trust(ctx: &Ctx, s: &mut State, chain: &TrustChain, actions: &mut Vec<Acti
 /// | `Warming`, `Switching` or `Proving`, attempts left | both instances died with the agent: link back to the previous version, start it (it takes the traffic), then warm the new one up again beside it with one attempt less |
 /// | `Warming`, `Switching` or `Proving`, no attempts left | link back to the previous version and start it; rolled back, reason `AgentRestarted` |
 /// | `SwitchingBack` | link back to the previous version and start it (it takes the traffic); the rollback ends with its reason |
+/// | `Idle` with a warm previous version (blue-green `hold`) | both instances died with the agent: as `Idle` (the committed version starts), nothing is warm any more; a rollback the coordinator asks for later takes the ordinary path |
+/// | `Returning` | both instances died with the agent: link to the release the coordinator asked for (the warm one) and start it (it takes the traffic); committed |
 ///
 /// In every case the highest accepted counter is kept as it is.
 fn resolve(
@@ -1444,6 +1571,8 @@ fn resolve(
     }
     match s.phase.clone() {
         Phase::Idle => {
+            // Both blue-green instances died with the agent: only the committed one comes back.
+            s.warm = None;
             if link != s.active {
                 actions.push(Action::Swap { to: s.active });
             }
@@ -1583,6 +1712,12 @@ fn resolve(
         } => {
             restart_previous(s, link, to, actions);
             finish_rollback(ctx, s, &job, Some(to), reason, None, now, actions);
+        }
+        Phase::Returning { job, to, .. } => {
+            // The coordinator asked for `to`; both instances died with the agent: it starts on
+            // its own, which points the traffic at it.
+            restart_previous(s, link, to, actions);
+            finish_return(s, &job, to, None, now, actions);
         }
     }
 }

@@ -175,7 +175,8 @@ fn name(a: &Action) -> String {
         Action::Redeliver(_) => "Redeliver".into(),
         Action::SetReportInterval(_) => "Interval".into(),
         Action::StartStandby { slot } => format!("StartBeside({slot})"),
-        Action::StopStandby => "StopBeside".into(),
+        Action::StopStandby { drain: false } => "StopBeside".into(),
+        Action::StopStandby { drain: true } => "StopBeside(drained)".into(),
         Action::SwitchTraffic { to, .. } => format!("Traffic({to})"),
         Action::Promote { slot } => format!("Promote({slot})"),
     }
@@ -1056,6 +1057,7 @@ fn a_container_release_keeps_its_rollback_image_and_the_agent_config_adds_data_d
         signed: SignedRelease::sign(&r3, &key()),
         digest: Sha256::of(b"x"),
         release: r3,
+        hold: false,
     };
     assert_eq!(
         snapshot_dirs(&ctx, &job),
@@ -1165,13 +1167,15 @@ fn snapshot_and_restore_resolve_on_restart() {
 
 mod properties {
     //! Invariants under arbitrary input sequences: the counter never goes down, the active
-    //! (and the running) slot is never written, and no state leaves the device without a
-    //! runnable slot once one was committed.
+    //! (and the running, and the warm) slot is never written, and no state leaves the device
+    //! without a runnable slot once one was committed.
 
     use proptest::prelude::{
-        Just, ProptestConfig, any, prop, prop_assert, prop_assert_ne, prop_oneof, proptest,
+        Just, ProptestConfig, any, prop, prop_assert, prop_assert_eq, prop_assert_ne, prop_oneof,
+        proptest,
     };
     use proptest::strategy::Strategy as Gen;
+    use proptest::test_runner::TestCaseError;
 
     use super::*;
 
@@ -1181,6 +1185,7 @@ mod properties {
             release: u8,
             retry: u32,
             none: bool,
+            hold: bool,
         },
         DownloadOk,
         DownloadErr,
@@ -1205,11 +1210,14 @@ mod properties {
 
     fn op() -> impl Gen<Value = Op> {
         prop_oneof![
-            (0u8..7, 0u32..2, any::<bool>()).prop_map(|(release, retry, none)| Op::Desired {
-                release,
-                retry,
-                none: none && release == 0
-            }),
+            (0u8..8, 0u32..2, any::<bool>(), any::<bool>()).prop_map(
+                |(release, retry, none, hold)| Op::Desired {
+                    release,
+                    retry,
+                    none: none && release == 0,
+                    hold,
+                }
+            ),
             Just(Op::DownloadOk),
             Just(Op::DownloadErr),
             Just(Op::InstallOk),
@@ -1226,6 +1234,19 @@ mod properties {
             Just(Op::RestoreErr),
             Just(Op::SwitchOk),
             Just(Op::SwitchErr),
+            // Blue-green with hold, often enough that the warm states are reached.
+            Just(Op::Desired {
+                release: 6,
+                retry: 0,
+                none: false,
+                hold: true,
+            }),
+            Just(Op::Desired {
+                release: 6,
+                retry: 0,
+                none: false,
+                hold: true,
+            }),
             (0u8..4).prop_map(Op::Advance),
             (0u8..4).prop_map(Op::Advance),
             (0u8..4).prop_map(Op::Advance),
@@ -1257,8 +1278,18 @@ mod properties {
                 r.hardware = vec!["other".into()];
                 r
             }
-            // Blue-green: beside the running version, then the traffic switch.
-            6 => blue_green(6, "6.0"),
+            // Blue-green: beside the running version, then the traffic switch; it allows the
+            // coordinator's rollback to 2.0, which (held warm) is a switch back.
+            6 => {
+                let mut r = blue_green(6, "6.0");
+                r.rollback_to = Some(RollbackTo {
+                    counter: 2,
+                    version: "2.0".into(),
+                });
+                r
+            }
+            // Above every other counter: a release a warm device can move on to.
+            7 => release(7, "7.0"),
             _ => release(2, "2.0-reused"),
         };
         r.trial.good_probes = 2;
@@ -1279,11 +1310,40 @@ mod properties {
         };
         let advanced;
         let op = match (op, &s.phase) {
+            // With a version warm: the coordinator's next word (3 is another release).
+            (Op::Advance(r @ 0..3), Phase::Idle) if s.warm.is_some() => {
+                let running = s
+                    .active
+                    .and_then(|a| s.slot(a))
+                    .map(|c| c.installed.version.clone());
+                advanced = match r {
+                    // The wave rolled back to 2.0 (the only release 6.0 allows going back to).
+                    0 => Op::Desired {
+                        release: 1,
+                        retry: 0,
+                        none: false,
+                        hold: false,
+                    },
+                    // The same release, held again or confirmed.
+                    _ => Op::Desired {
+                        release: if running.as_deref() == Some("6.0") {
+                            6
+                        } else {
+                            1
+                        },
+                        retry: 0,
+                        none: false,
+                        hold: *r == 1,
+                    },
+                };
+                &advanced
+            }
             (Op::Advance(r), Phase::Idle) => {
                 advanced = Op::Desired {
                     release: *r,
                     retry: 0,
                     none: false,
+                    hold: false,
                 };
                 &advanced
             }
@@ -1292,9 +1352,10 @@ mod properties {
             (Op::Advance(_), Phase::Swapping { .. }) => &Op::Swapped,
             (Op::Advance(_), Phase::Snapshotting { .. }) => &Op::SnapshotOk,
             (Op::Advance(_), Phase::Restoring { .. }) => &Op::RestoreOk,
-            (Op::Advance(_), Phase::Switching { .. } | Phase::SwitchingBack { .. }) => {
-                &Op::SwitchOk
-            }
+            (
+                Op::Advance(_),
+                Phase::Switching { .. } | Phase::SwitchingBack { .. } | Phase::Returning { .. },
+            ) => &Op::SwitchOk,
             (Op::Advance(_), _) => &Op::ProbeGood,
             (other, _) => other,
         };
@@ -1303,10 +1364,11 @@ mod properties {
                 release,
                 retry,
                 none,
+                hold,
             } => {
                 *next_seq += 1;
                 let r = pool(*release);
-                desired_input(*next_seq, (!none).then_some(&r), *retry)
+                desired_input(*next_seq, (!none).then_some(&r), *retry, *hold)
             }
             Op::DownloadOk => Input::Downloaded {
                 sequence: seq,
@@ -1386,47 +1448,130 @@ mod properties {
         }
     }
 
-    fn desired_input(sequence: u64, r: Option<&Release>, retry: u32) -> Input {
-        desired(sequence, r, retry)
+    fn desired_input(sequence: u64, r: Option<&Release>, retry: u32, hold: bool) -> Input {
+        match desired(sequence, r, retry) {
+            Input::Desired {
+                mut desired,
+                disk_free,
+            } => {
+                desired.hold = hold;
+                Input::Desired { desired, disk_free }
+            }
+            other => other,
+        }
+    }
+
+    /// Runs `ops` from `start`, checking the invariants after every step.
+    fn run(start: State, mut next_seq: u64, ops: &[Op]) -> Result<(), TestCaseError> {
+        let ctx = ctx();
+        let mut s = start;
+        let mut now = NOW;
+        let mut ever_committed = s.active.is_some();
+        for op in ops {
+            let before = s.clone();
+            let inp = input(op, &s, &mut next_seq, &mut now);
+            let (next, actions) = step(&ctx, s, inp, now);
+            // The highest counter and the applied sequence never go down.
+            let hc = |s: &State| s.highest.as_ref().map(|h| h.counter).unwrap_or(0);
+            prop_assert!(hc(&next) >= hc(&before));
+            prop_assert!(next.applied_sequence >= before.applied_sequence);
+            // The committed, the running and the warm slot are never written.
+            for a in &actions {
+                if let Action::Install { slot, .. } | Action::WipeSlot { slot } = a {
+                    prop_assert_ne!(Some(*slot), before.active, "{:?} after {:?}", a, op);
+                    prop_assert_ne!(Some(*slot), next.active, "{:?} after {:?}", a, op);
+                    prop_assert_ne!(Some(*slot), next.link_target(), "{:?} after {:?}", a, op);
+                    prop_assert_ne!(Some(*slot), before.warm, "{:?} after {:?}", a, op);
+                    prop_assert_ne!(Some(*slot), next.warm, "{:?} after {:?}", a, op);
+                }
+            }
+            // A warm version is the complete install beside the committed one, only
+            // while idle, and it never just disappears: the old instance is stopped
+            // (`Promote`), switched back to (`Returning`), or died with the agent.
+            if let Some(w) = next.warm {
+                prop_assert!(
+                    matches!(next.phase, Phase::Idle),
+                    "warm in {:?}",
+                    next.phase.wire()
+                );
+                prop_assert_eq!(next.active, Some(w.other()));
+                prop_assert!(next.slot(w).is_some(), "warm slot {} is empty", w);
+            }
+            if before.warm.is_some() && next.warm.is_none() && !matches!(op, Op::Boot { .. }) {
+                let promoted = actions.iter().any(|a| matches!(a, Action::Promote { .. }));
+                let returning = matches!(next.phase, Phase::Returning { .. });
+                prop_assert!(
+                    promoted != returning,
+                    "warm dropped by {:?}: {:?}",
+                    op,
+                    actions
+                );
+            }
+            // `Promote` stops an old instance only where one runs beside the new one.
+            if actions.iter().any(|a| matches!(a, Action::Promote { .. })) {
+                prop_assert!(
+                    before.warm.is_some() || matches!(before.phase, Phase::Proving { .. }),
+                    "promote from {:?} after {:?}",
+                    before.phase.wire(),
+                    op
+                );
+            }
+            // Whatever the link should point to holds a complete install.
+            if let Some(t) = next.link_target() {
+                prop_assert!(
+                    next.slot(t).is_some(),
+                    "link target {t} is empty in {:?}",
+                    next.phase.wire()
+                );
+            }
+            if let Phase::Idle = next.phase {
+                ever_committed |= next.active.is_some();
+                if ever_committed {
+                    prop_assert!(next.active.is_some(), "a device that had a version lost it");
+                }
+            }
+            s = next;
+        }
+        Ok(())
+    }
+
+    /// 2.0 committed, then blue-green 6.0 committed with hold: 2.0 warm beside it.
+    fn warm_start() -> (State, u64) {
+        let ctx = ctx();
+        let (mut s, mut next_seq, mut now) = (State::fresh(), 0, NOW);
+        for r in [1, 6] {
+            let mut op = Op::Desired {
+                release: r,
+                retry: 0,
+                none: false,
+                hold: true,
+            };
+            loop {
+                let inp = input(&op, &s, &mut next_seq, &mut now);
+                s = step(&ctx, s, inp, now).0;
+                if matches!(s.phase, Phase::Idle) {
+                    break;
+                }
+                op = Op::Advance(0);
+            }
+        }
+        assert_eq!(s.warm, Some(Slot::A), "{:?}", s.last_outcome);
+        (s, next_seq)
     }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
         #[test]
         fn invariants_hold_for_any_input_sequence(ops in prop::collection::vec(op(), 1..60)) {
-            let ctx = ctx();
-            let mut s = State::fresh();
-            let mut next_seq = 0;
-            let mut now = NOW;
-            let mut ever_committed = false;
-            for op in &ops {
-                let before = s.clone();
-                let inp = input(op, &s, &mut next_seq, &mut now);
-                let (next, actions) = step(&ctx, s, inp, now);
-                // The highest counter and the applied sequence never go down.
-                let hc = |s: &State| s.highest.as_ref().map(|h| h.counter).unwrap_or(0);
-                prop_assert!(hc(&next) >= hc(&before));
-                prop_assert!(next.applied_sequence >= before.applied_sequence);
-                // The committed and the running slot are never written.
-                for a in &actions {
-                    if let Action::Install { slot, .. } | Action::WipeSlot { slot } = a {
-                        prop_assert_ne!(Some(*slot), before.active, "{:?} after {:?}", a, op);
-                        prop_assert_ne!(Some(*slot), next.active, "{:?} after {:?}", a, op);
-                        prop_assert_ne!(Some(*slot), next.link_target(), "{:?} after {:?}", a, op);
-                    }
-                }
-                // Whatever the link should point to holds a complete install.
-                if let Some(t) = next.link_target() {
-                    prop_assert!(next.slot(t).is_some(), "link target {t} is empty in {:?}", next.phase.wire());
-                }
-                if let Phase::Idle = next.phase {
-                    ever_committed |= next.active.is_some();
-                    if ever_committed {
-                        prop_assert!(next.active.is_some(), "a device that had a version lost it");
-                    }
-                }
-                s = next;
-            }
+            run(State::fresh(), 0, &ops)?;
+        }
+
+        #[test]
+        fn invariants_hold_for_any_input_sequence_from_a_warm_version(
+            ops in prop::collection::vec(op(), 1..40)
+        ) {
+            let (start, next_seq) = warm_start();
+            run(start, next_seq, &ops)?;
         }
     }
 }
@@ -1755,3 +1900,5 @@ fn blue_green_resolves_on_restart() {
     );
     assert_eq!(s.active, Some(Slot::A));
 }
+
+mod hold;

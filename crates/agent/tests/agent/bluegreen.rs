@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use fleet_agent::machine::Phase;
 use fleet_proto::SignedRelease;
-use fleet_proto::device::{EventKind, RollbackReason, UpdatePhase};
-use fleet_proto::release::StrategyKind;
+use fleet_proto::device::{Desired, EventKind, RollbackReason, Slot, UpdatePhase};
+use fleet_proto::release::{RollbackTo, StrategyKind};
 
 use crate::support::*;
 
@@ -408,10 +408,7 @@ fn an_agent_killed_after_the_switch_brings_the_old_version_back_then_tries_again
     wait_until("1.0.0 stopped", PATIENCE, || {
         pids_of("1.0.0-bgcrash").is_empty().then_some(())
     });
-    assert!(
-        dev.idle_at(2)
-            .is_some_and(|s| s.active == Some(fleet_proto::device::Slot::B))
-    );
+    assert!(dev.idle_at(2).is_some_and(|s| s.active == Some(Slot::B)));
 }
 
 #[test]
@@ -436,4 +433,206 @@ fn blue_green_is_refused_without_a_traffic_switch() {
     assert!(reason.to_string().contains("blue_green.switch"), "{reason}");
     assert_eq!(dev.snapshot(), before);
     assert_eq!(dev.app_version().as_deref(), Some("1.0.0"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hold (`Desired.hold`): the old instance stays warm until the coordinator confirms the wave.
+
+/// A desired state with `hold` set as the coordinator sets it until the wave is confirmed.
+fn held(dev: &Device, sequence: u64, release: SignedRelease, hold: bool) -> Desired {
+    Desired {
+        hold,
+        ..desired(&dev.id, sequence, Some(release), 0)
+    }
+}
+
+/// Commits `old` the ordinary way, then blue-green `new` (allowed to roll back to `old`) with
+/// `hold`; returns the signed releases (old, new) and the PIDs of the old and the new instance.
+fn commit_held(
+    dev: &Device,
+    obs: &Observer,
+    old: &str,
+    new: &str,
+) -> (SignedRelease, SignedRelease, i32, i32) {
+    let r1 = commit_first(dev, obs, &version(old, &[]), 1, 1);
+    let s1 = SignedRelease::sign(&r1, &key());
+    let old_pids = pids_of(old);
+    assert_eq!(old_pids.len(), 1, "{old_pids:?}");
+    let v2 = version(new, &[]);
+    let (path, sha, size) = artifact(dev.dir.path(), &v2);
+    let mut r2 = release(2, &v2, format!("file://{}", path.display()), sha, size);
+    r2.strategy.kind = StrategyKind::BlueGreen;
+    r2.rollback_to = Some(RollbackTo {
+        counter: 1,
+        version: old.into(),
+    });
+    let s2 = SignedRelease::sign(&r2, &key());
+    obs.publish_desired(&held(dev, 2, s2.clone(), true));
+    obs.wait_event(&format!("{new} committed"), PATIENCE, |e| {
+        e.sequence == 2 && matches!(e.kind, EventKind::Committed { .. })
+    });
+    let j = wait_until(
+        "the journal idle with the old version warm",
+        PATIENCE,
+        || dev.idle_at(2),
+    );
+    assert_eq!(j.warm, Some(Slot::A), "{j:?}");
+    assert_eq!(j.active, Some(Slot::B));
+    // Both instances run: the old one is the same process as before the update.
+    assert_eq!(pids_of(old), old_pids);
+    let new_pids = pids_of(new);
+    assert_eq!(new_pids.len(), 1, "{new_pids:?}");
+    (s1, s2, old_pids[0], new_pids[0])
+}
+
+#[test]
+fn blue_green_hold_keeps_the_old_instance_warm_and_a_rollback_switches_back_to_it() {
+    let (dev, env, port_a, port_b) = bg_device("bg-hold");
+    let obs = Observer::new(dev.broker_port, &dev.id);
+    let agent = start(&dev, &env);
+    let (s1, _, old_pid, new_pid) = commit_held(&dev, &obs, "1.0.0-bghold", "2.0.0-bghold");
+    // The new version has the traffic; the old one answers on its own port, without traffic.
+    assert_eq!(request(dev.app_port).as_deref(), Ok("2.0.0-bghold"));
+    assert_eq!(request(port_b).as_deref(), Ok("2.0.0-bghold"));
+    assert_eq!(request(port_a).as_deref(), Ok("1.0.0-bghold"));
+    // Heartbeats look at the instance with the traffic.
+    let beats = obs.seen.lock().unwrap().heartbeats;
+    wait_until("a heartbeat with 2.0.0's health", PATIENCE, || {
+        let seen = obs.seen.lock().unwrap();
+        let app = &seen.last_heartbeat.as_ref()?.app;
+        (seen.heartbeats > beats + 1 && app.version.as_deref() == Some("2.0.0-bghold"))
+            .then_some(())
+    });
+    let r = obs.wait_state("state says 2.0.0 active", |r| {
+        r.applied_sequence == 2 && r.phase == UpdatePhase::Idle
+    });
+    assert_eq!(
+        r.active.as_ref().map(|i| i.version.as_str()),
+        Some("2.0.0-bghold")
+    );
+    assert_eq!(pids_of("1.0.0-bghold"), [old_pid]);
+
+    // The coordinator rolls the wave back: the previous release, under traffic.
+    let hammer = Hammer::start(dev.app_port, 2);
+    let direct = Hammer::start(port_a, 1);
+    wait_until("the hammers to get answers", PATIENCE, || {
+        (hammer.log.lock().unwrap().len() > 20 && direct.log.lock().unwrap().len() > 10)
+            .then_some(())
+    });
+    obs.publish_desired(&held(&dev, 3, s1, false));
+    obs.wait_event("1.0.0 committed again", PATIENCE, |e| {
+        e.sequence == 3 && matches!(e.kind, EventKind::Committed { .. })
+    });
+    wait_until("2.0.0's instance gone", PATIENCE, || {
+        (!pids_of("2.0.0-bghold").contains(&new_pid)).then_some(())
+    });
+    thread::sleep(Duration::from_millis(300));
+    let log = hammer.finish();
+    let direct_log = direct.finish();
+    // The old version: the same process all along, and it answers through the service port.
+    assert_eq!(pids_of("1.0.0-bghold"), [old_pid]);
+    assert!(pids_of("2.0.0-bghold").is_empty());
+    assert_eq!(request(dev.app_port).as_deref(), Ok("1.0.0-bghold"));
+    let direct_failed: Vec<_> = direct_log.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        direct_failed.is_empty(),
+        "the old instance failed requests: {direct_failed:?}"
+    );
+    // A switch, not a swap: no request through the service port failed, and it went from
+    // 2.0.0 to 1.0.0.
+    let failed: Vec<_> = log.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(failed.is_empty(), "failed requests: {failed:?}");
+    assert_eq!(
+        log.first().map(|(_, r)| r.as_deref()),
+        Some(Ok("2.0.0-bghold"))
+    );
+    assert_eq!(
+        log.last().map(|(_, r)| r.as_deref()),
+        Some(Ok("1.0.0-bghold"))
+    );
+    // Nothing downloaded, installed or started: verified, switched, committed.
+    let steps: Vec<String> = obs
+        .events()
+        .iter()
+        .filter(|e| e.sequence == 3)
+        .map(|e| kind_name(&e.kind))
+        .collect();
+    let mut unique = steps.clone();
+    unique.dedup();
+    assert_eq!(unique, ["Verified", "Swapped", "Committed"], "{steps:?}");
+    let r = obs.wait_state("state says 1.0.0 active", |r| {
+        r.applied_sequence == 3 && r.phase == UpdatePhase::Idle
+    });
+    assert_eq!(
+        r.active.as_ref().map(|i| i.version.as_str()),
+        Some("1.0.0-bghold")
+    );
+    assert_eq!(
+        r.standby.as_ref().map(|i| i.version.as_str()),
+        Some("2.0.0-bghold")
+    );
+    assert_eq!(r.highest_counter, 2, "the counter went down");
+    assert_eq!(
+        std::fs::read_link(dev.root().join("active")).unwrap(),
+        Path::new("slot-a")
+    );
+    let j = dev.idle_at(3).expect("the journal idle at 3");
+    assert_eq!((j.active, j.warm), (Some(Slot::A), None));
+    let stderr = agent.stderr();
+    for line in [
+        "keeping 1.0.0-bghold warm until the coordinator confirms the wave",
+        "switching back to 1.0.0-bghold, which never stopped",
+    ] {
+        assert!(stderr.contains(line), "no {line:?} in the agent's log");
+    }
+    obs.assert_no_gap();
+}
+
+#[test]
+fn blue_green_hold_ends_when_the_wave_is_confirmed() {
+    let (dev, env, port_a, _port_b) = bg_device("bg-confirm");
+    let obs = Observer::new(dev.broker_port, &dev.id);
+    let agent = start(&dev, &env);
+    let (_, s2, old_pid, new_pid) = commit_held(&dev, &obs, "1.0.0-bgconfirm", "2.0.0-bgconfirm");
+    // Heartbeats watch the instance with the traffic, not the warm one: a crash of the new
+    // version is counted (its supervisor restarts it).
+    // SAFETY: kill(2) on the test's own grandchild.
+    unsafe {
+        libc::kill(new_pid, libc::SIGKILL);
+    }
+    let new_pid = wait_until("2.0.0 restarted by its supervisor", PATIENCE, || {
+        let p = pids_of("2.0.0-bgconfirm");
+        (p.len() == 1 && p[0] != new_pid).then(|| p[0])
+    });
+    wait_until("a heartbeat counting 2.0.0's restart", PATIENCE, || {
+        let seen = obs.seen.lock().unwrap();
+        let app = &seen.last_heartbeat.as_ref()?.app;
+        (app.restarts_total >= 1 && app.version.as_deref() == Some("2.0.0-bgconfirm")).then_some(())
+    });
+    // The same release republished with hold (as the coordinator does when it changes the
+    // report interval): still warm.
+    obs.publish_desired(&held(&dev, 3, s2.clone(), true));
+    obs.wait_state("sequence 3 applied", |r| {
+        r.applied_sequence == 3 && r.phase == UpdatePhase::Idle
+    });
+    assert_eq!(dev.journal().unwrap().warm, Some(Slot::A));
+    assert_eq!(pids_of("1.0.0-bgconfirm"), [old_pid]);
+    assert_eq!(request(port_a).as_deref(), Ok("1.0.0-bgconfirm"));
+    // Confirmed: the same release without hold stops the old instance; the new one stays.
+    obs.publish_desired(&held(&dev, 4, s2, false));
+    wait_until("1.0.0's instance gone", PATIENCE, || {
+        pids_of("1.0.0-bgconfirm").is_empty().then_some(())
+    });
+    obs.wait_state("sequence 4 applied", |r| {
+        r.applied_sequence == 4 && r.phase == UpdatePhase::Idle
+    });
+    assert_eq!(pids_of("2.0.0-bgconfirm"), [new_pid]);
+    assert_eq!(request(dev.app_port).as_deref(), Ok("2.0.0-bgconfirm"));
+    let j = dev.idle_at(4).expect("the journal idle at 4");
+    assert_eq!((j.active, j.warm), (Some(Slot::B), None));
+    let line = "wave confirmed: stopping 1.0.0-bgconfirm";
+    assert!(
+        agent.stderr().contains(line),
+        "no {line:?} in the agent's log"
+    );
 }
