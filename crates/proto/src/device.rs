@@ -247,7 +247,7 @@ pub enum Failure {
     Install { detail: String },
     #[error("post-install hook failed: {detail}")]
     Hook { detail: String },
-    #[error("rollback failed, the previous version is not healthy: {detail}")]
+    #[error("rollback failed: {detail}")]
     Rollback { detail: String },
     /// Appended in issue 10: the data snapshot or the rollback image before the swap.
     #[error("cannot prepare the rollback (data snapshot, rollback image): {detail}")]

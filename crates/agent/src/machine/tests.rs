@@ -941,7 +941,7 @@ fn data_is_snapshotted_before_the_swap_restored_before_the_previous_version_star
                 UpdatePhase::Idle,
                 &[
                     "E:RolledBack(health endpoint reported version 9.9, expected 2.0)",
-                    "E:Failed(rollback failed, the previous version is not healthy: the data snapshot was not restored: sha256 mismatch)",
+                    "E:Failed(rollback failed: the data snapshot was not restored: sha256 mismatch)",
                 ],
             ),
         ],
@@ -1751,7 +1751,7 @@ fn blue_green_rollbacks_never_restart_the_old_version() {
                 &[
                     "StopBeside",
                     "E:RolledBack(the traffic switch to the new version failed: exit 1)",
-                    "E:Failed(rollback failed, the previous version is not healthy: the traffic could not be switched back to the previous version: exit 1; it runs, fix the switch (blue_green.command) and point the service at it)",
+                    "E:Failed(rollback failed: the traffic could not be switched back to the previous version: exit 1; it runs, fix the switch (blue_green.command) and point the service at it)",
                 ],
             ),
         ],
