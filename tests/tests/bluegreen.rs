@@ -4,9 +4,14 @@
 //! `fleetctl` for every operator action.
 //!
 //! - a good blue-green release rolls out in canary + waves while a client per device hammers
-//!   its service port with a new connection per request: zero failed requests;
+//!   its service port with a new connection per request: zero failed requests; the canary keeps
+//!   its old instance running beside the new one until the canary gate passes, then only the
+//!   new one runs;
 //! - a bad one is caught in the canary and rolled back: the old instance keeps its PID and
 //!   answers every request all along, `fleetctl rollout status` and `report` say why;
+//! - one that passes each device's own trial but fails the coordinator's gate (its error rate)
+//!   is rolled back by the coordinator: the canary switches back to the old instance it kept
+//!   warm, whose PID never changed, and its service port answers every request throughout;
 //! - the checklist refuses a blue-green release whose memory cannot fit beside the running
 //!   instance, naming the devices.
 
@@ -20,9 +25,10 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use fleet_e2e::*;
-use fleet_proto::operator::{DeviceStatus, Plan};
+use fleet_proto::UnixMillis;
+use fleet_proto::operator::{AuditEntry, DeviceStatus, Plan};
 use fleet_proto::release::StrategyKind;
-use fleet_proto::rollout::{Phase, Report, RolloutState, RolloutStatus};
+use fleet_proto::rollout::{Phase, Report, RolloutState, RolloutStatus, Verdict};
 
 /// Three devices of one type and region: the canary is one of them, waves 50 % / 100 % take
 /// one each.
@@ -304,9 +310,29 @@ fn apps_of(agent: &Agent) -> Vec<(i32, String, u16)> {
     out
 }
 
+/// Waits until `agent` runs exactly one demo-app instance, of `version`, and returns it.
+#[track_caller]
+fn wait_one_instance(agent: &Agent, version: &str) -> (i32, String, u16) {
+    let mut last = Vec::new();
+    let found = wait_for_quiet(TIMEOUT, || {
+        last = apps_of(agent);
+        (last.len() == 1 && last[0].1 == version).then(|| last[0].clone())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "{}: still runs {last:?}, not one instance of {version}\n{}",
+            agent.id(),
+            agent.tails(30)
+        )
+    })
+}
+
 /// Good release: 1.0.0 → 2.0.0 blue-green through canary, approval and two waves, with a
 /// client hammering every device's service port the whole time: not one request fails, and
-/// every device ends on 2.0.0 with 1.0.0 in its standby slot.
+/// every device ends on 2.0.0 with 1.0.0 in its standby slot. While the canary soaks, its old
+/// instance keeps running beside the new one (`ps` shows both; `fleetctl rollout status` says
+/// so), longer than the agent's drain would keep it; once the canary gate passed only 2.0.0
+/// runs there.
 #[test]
 fn good_blue_green_release_switches_every_device_with_zero_failed_requests() {
     let site = Site::start("bg-good");
@@ -314,6 +340,8 @@ fn good_blue_green_release_switches_every_device_with_zero_failed_requests() {
 
     let mut spec = site.spec("2.0.0", 2, &[], 3);
     spec.rollback_to = Some((1, "1.0.0".into()));
+    // Long enough to watch the held instance outlive the agent's 5 s drain.
+    spec.canary_soak = "10s";
     let v2 = site.releases.sign("v2", &spec);
 
     // The plan shows the strategy and the blue-green item.
@@ -326,6 +354,15 @@ fn good_blue_green_release_switches_every_device_with_zero_failed_requests() {
     let plan: Plan = site.ctl.run(&["plan", path(&v2), "--json"]).json();
     assert!(plan.checklist.iter().all(|i| i.ok), "{:#?}", plan.checklist);
     assert_eq!(plan.waves.len(), 3, "{:?}", plan.waves);
+    assert_eq!(plan.waves[0].devices.len(), 1, "{:?}", plan.waves);
+    let canary = site.agent(plan.waves[0].devices[0].as_str());
+    let old = apps_of(canary);
+    assert!(
+        old.len() == 1 && old[0].1 == "1.0.0",
+        "{}: {old:?}",
+        canary.id()
+    );
+    let old = old[0].clone();
 
     let hammers: Vec<Hammer> = site
         .agents
@@ -337,10 +374,82 @@ fn good_blue_green_release_switches_every_device_with_zero_failed_requests() {
     }
     let started = Instant::now();
     let id = site.start_rollout(&v2);
+
+    // The canary committed 2.0.0 and soaks: its old instance is kept warm, and the operator
+    // is told so.
+    let soaking = site.wait_rollout(&id, "has its canary committed", |s| {
+        s.waves[0].deployed == 1
+    });
+    let committed = Instant::now();
+    let soaking_now = |s: &RolloutState| {
+        s.status == RolloutStatus::Running
+            && s.current_wave.current == 0
+            && s.waves[0].verdict != Some(Verdict::Pass)
+    };
+    assert!(soaking_now(&soaking), "{}", soaking.render_block());
+    let warm = "old instances kept warm on 1 devices until canary is confirmed";
+    assert!(
+        soaking.next_action.ends_with(warm),
+        "{}",
+        soaking.render_block()
+    );
+    let status = site.ctl.run(&["rollout", "status", &id]).ok();
+    assert!(status.contains(warm), "{status}");
+    // What `ps` shows while the canary soaks: the old instance (same PID) beside the new one.
+    // Each sample is judged by the coordinator's state refreshed after it was taken: while
+    // that still says the canary soaks, the hold was not released when `ps` looked.
+    let mut warm_for = Duration::ZERO;
+    loop {
+        let taken = UnixMillis::from_system(SystemTime::now());
+        let apps = apps_of(canary);
+        let s = wait_for(TIMEOUT, "the rollout state refreshed", || {
+            site.coordinator
+                .rollout(&id)
+                .filter(|s| s.updated_at >= taken)
+        });
+        if !soaking_now(&s) {
+            break;
+        }
+        let mut versions: Vec<&str> = apps.iter().map(|(_, v, _)| v.as_str()).collect();
+        versions.sort();
+        assert!(
+            apps.contains(&old) && versions == ["1.0.0", "2.0.0"],
+            "{} soaks in the canary {:.1} s after its commit and runs {apps:?}, not {old:?} beside 2.0.0\n{}",
+            canary.id(),
+            committed.elapsed().as_secs_f64(),
+            canary.tails(30)
+        );
+        warm_for = committed.elapsed();
+        assert!(
+            warm_for < TIMEOUT,
+            "the canary soak did not end: {}",
+            s.render_block()
+        );
+        thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        warm_for > Duration::from_secs(6),
+        "the old instance was seen beside the new one for only {warm_for:?} of the soak"
+    );
+    // The canary gate passed: the old instance is released, only 2.0.0 runs there.
     let waiting = site.wait_rollout(&id, "awaits approval", |s| {
         s.status == RolloutStatus::AwaitingApproval
     });
     assert_eq!(waiting.deployed_count, 1, "{}", waiting.render_block());
+    wait_one_instance(canary, "2.0.0");
+    let audit = site.ctl.run(&["audit", "--rollout", &id]).ok();
+    assert!(
+        audit.contains("canary confirmed: old instances released on 1 devices"),
+        "{audit}"
+    );
+    let status = site.ctl.run(&["rollout", "status", &id]).ok();
+    assert!(!status.contains("kept warm"), "{status}");
+    visible(&format!(
+        "bg-good: canary {} kept 1.0.0 (pid {}) warm beside 2.0.0 for {:.1} s until the canary gate passed",
+        canary.id(),
+        old.0,
+        warm_for.as_secs_f64()
+    ));
     let approved = site.ctl.run(&["rollout", "approve", &id]).ok();
     assert!(approved.contains("strategy: blue-green"), "{approved}");
     let watched = site.ctl.run(&["rollout", "watch", &id]).ok();
@@ -376,13 +485,8 @@ fn good_blue_green_release_switches_every_device_with_zero_failed_requests() {
             "{}",
             a.id()
         );
-        // The old instance is gone after the commit: only 2.0.0 runs.
-        let apps = apps_of(a);
-        assert!(
-            apps.len() == 1 && apps[0].1 == "2.0.0",
-            "{}: {apps:?}",
-            a.id()
-        );
+        // The old instance is gone once the wave was confirmed: only 2.0.0 runs.
+        wait_one_instance(a, "2.0.0");
         total += log.len();
     }
     visible(&format!(
@@ -594,6 +698,121 @@ fn bad_blue_green_release_is_rolled_back_and_the_old_instance_never_stops() {
             Some("1.0.0"),
             "{d:?}"
         );
+    }
+}
+
+/// A release that passes each device's own trial but fails the coordinator's gate: 30 % of
+/// 2.0.0's work fails, which its `/health` does not report until its 30 s window holds 20 items
+/// (10 s at one frame per 500 ms), while its heartbeats carry the error rate from the start. The
+/// canary commits 2.0.0 (healthy probes), keeps 1.0.0 warm under the hold, the canary gate's
+/// error-rate trigger rolls it back, and the agent switches the traffic back to the instance
+/// that never stopped: the same PID, every request through the service port answered, 2.0.0's
+/// process gone.
+#[test]
+fn a_release_failing_the_coordinators_gate_switches_back_to_the_instance_kept_warm() {
+    let site = Site::start("bg-gate");
+    site.install_first_release();
+
+    let mut spec = site.spec(
+        "2.0.0",
+        2,
+        &["--error-rate", "0.3", "--work-interval-ms", "500"],
+        3,
+    );
+    spec.rollback_to = Some((1, "1.0.0".into()));
+    // The gate would pass after a long soak of a healthy release; this one never gets there.
+    spec.canary_soak = "30s";
+    let v2 = site.releases.sign("v2", &spec);
+    let plan: Plan = site.ctl.run(&["plan", path(&v2), "--json"]).json();
+    assert_eq!(plan.waves[0].devices.len(), 1, "{:?}", plan.waves);
+    let canary = site.agent(plan.waves[0].devices[0].as_str());
+    let old = apps_of(canary);
+    assert!(
+        old.len() == 1 && old[0].1 == "1.0.0",
+        "{}: {old:?}",
+        canary.id()
+    );
+    let old = old[0].clone();
+    let service = Hammer::start(canary.app_port());
+    let direct = Hammer::start(old.2);
+    service.wait_answers(20);
+    direct.wait_answers(20);
+
+    let id = site.start_rollout(&v2);
+    let ended = site.wait_rollout(&id, "is rolled back", |s| {
+        matches!(s.status, RolloutStatus::Halted | RolloutStatus::RolledBack)
+    });
+    let block = ended.render_block();
+    assert_eq!(ended.current_wave.current, 0, "{block}");
+    assert!(ended.last_action.contains("error rate"), "{block}");
+    // The device passed its own trial: it committed 2.0.0, and its agent rolled nothing back.
+    let audit: Vec<AuditEntry> = site.ctl.run(&["audit", "--rollout", &id, "--json"]).json();
+    assert!(
+        audit.iter().any(|e| e.action == "committed"
+            && e.device.as_ref().is_some_and(|d| d.as_str() == canary.id())),
+        "{audit:#?}"
+    );
+    assert!(audit.iter().all(|e| e.action != "quarantine"), "{audit:#?}");
+    // Switched back: only the old instance runs, the very process that ran before.
+    assert_eq!(wait_one_instance(canary, "1.0.0"), old, "{}", canary.id());
+    let log = canary.log();
+    assert!(
+        log.contains("keeping 1.0.0 warm until the coordinator confirms the wave")
+            && log.contains("switching back to 1.0.0, which never stopped"),
+        "{}",
+        canary.tails(40)
+    );
+    canary.wait_serving("1.0.0", TIMEOUT);
+    wait_until(
+        TIMEOUT,
+        "the registry to show 1.0.0 active on the canary",
+        || {
+            canary
+                .registry_entry(&site.coordinator)
+                .and_then(|d| d.active)
+                .is_some_and(|a| a.version == "1.0.0")
+        },
+    );
+    // A moment more of traffic on the old version, then count.
+    thread::sleep(Duration::from_millis(500));
+    let (s, d) = (service.finish(), direct.finish());
+    let failed: Vec<_> = s.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{}: {} of {} requests through the service port failed: {:?}",
+        canary.id(),
+        failed.len(),
+        s.len(),
+        &failed[..failed.len().min(10)]
+    );
+    assert!(
+        d.iter().all(|(_, r)| r.as_deref() == Ok("1.0.0")),
+        "{}: the old instance failed {:?}",
+        canary.id(),
+        d.iter()
+            .filter(|(_, r)| r.as_deref() != Ok("1.0.0"))
+            .take(10)
+            .collect::<Vec<_>>()
+    );
+    let versions: Vec<&str> = s.iter().filter_map(|(_, r)| r.as_deref().ok()).collect();
+    assert_eq!(versions.last(), Some(&"1.0.0"), "{}", canary.id());
+    let new_answers = versions.iter().filter(|v| **v == "2.0.0").count();
+    visible(&format!(
+        "bg-gate: canary {} rolled back by the coordinator's gate ({}); 1.0.0 kept pid {}; {} requests through the service port ({new_answers} answered by 2.0.0), 0 failed",
+        canary.id(),
+        ended.last_action,
+        old.0,
+        s.len()
+    ));
+
+    let status = site.ctl.run(&["rollout", "status", &id]).ok();
+    assert!(status.contains("strategy: blue-green"), "{status}");
+    assert!(status.contains("canary rolled back"), "{status}");
+    assert!(status.contains("error rate"), "{status}");
+    let report: Report = site.ctl.run(&["report", &id, "--json"]).json();
+    assert_eq!(report.strategy, StrategyKind::BlueGreen);
+    for a in &site.agents {
+        assert_eq!(wait_one_instance(a, "1.0.0").1, "1.0.0", "{}", a.id());
     }
 }
 
