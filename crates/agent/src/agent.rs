@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use fleet_proto::device::{
-    AppHealth, AppStatus, Desired, DeviceFacts, Event, EventKind, Failure, Heartbeat, Online,
-    Reported, Slot,
+    AppHealth, AppStatus, BlueGreenSupport, Desired, DeviceFacts, Event, EventKind, Failure,
+    Heartbeat, Online, Reported, Slot,
 };
 use fleet_proto::release::Arch;
 use fleet_proto::{Topic, UnixMillis, decode, encode};
@@ -162,6 +162,37 @@ fn now() -> UnixMillis {
     UnixMillis::from_system(SystemTime::now())
 }
 
+/// Why this device refuses every blue-green release, whatever the release (`None`: it can run
+/// one): its runtime, no traffic switch, or data directories in its own config. The core
+/// refuses with it (`Ctx::blue_green_refusal`) and every reported state carries it
+/// (`Reported::blue_green`), so the coordinator's checklist names the device at plan time.
+fn blue_green_refusal(
+    runtime: RuntimeKind,
+    switch: SwitchKind,
+    data_dirs: &[PathBuf],
+) -> Option<String> {
+    match (runtime, switch) {
+        (RuntimeKind::Process, SwitchKind::Off) => Some(
+            "blue-green needs a traffic switch on this device: set blue_green.switch to \"forwarder\" or \"command\" in the agent's config".into(),
+        ),
+        // The same words as the core's refusal of a release whose own data directories
+        // cannot be snapshotted: with them in the config, every blue-green release is.
+        (RuntimeKind::Process, _) if !data_dirs.is_empty() => Some(format!(
+            "blue-green runs the new version beside the old one on the same data, so the data directories ({}) cannot be snapshotted for a rollback; ship this release as canary-rolling",
+            data_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+        (RuntimeKind::Process, _) => None,
+        (other, _) => Some(format!(
+            "blue-green needs the process runtime on this device (app.runtime is \"{}\"); ship this release as canary-rolling",
+            other.as_str()
+        )),
+    }
+}
+
 impl Driver {
     fn new(cfg: Config, options: Options) -> Result<Driver, Error> {
         let layout = Layout::new(&cfg.paths.root);
@@ -206,16 +237,11 @@ impl Driver {
                 .iter()
                 .map(|d| d.display().to_string())
                 .collect(),
-            blue_green_refusal: match (cfg.app.runtime, cfg.blue_green.switch) {
-                (RuntimeKind::Process, SwitchKind::Off) => Some(
-                    "blue-green needs a traffic switch on this device: set blue_green.switch to \"forwarder\" or \"command\" in the agent's config".into(),
-                ),
-                (RuntimeKind::Process, _) => None,
-                (other, _) => Some(format!(
-                    "blue-green needs the process runtime on this device (app.runtime is \"{}\"); ship this release as canary-rolling",
-                    other.as_str()
-                )),
-            },
+            blue_green_refusal: blue_green_refusal(
+                cfg.app.runtime,
+                cfg.blue_green.switch,
+                &cfg.app.data_dirs,
+            ),
         };
         let runtime = match cfg.app.runtime {
             RuntimeKind::Process => {
@@ -929,6 +955,10 @@ impl Driver {
             last_outcome: self.state.last_outcome.clone(),
             highest_counter: self.state.highest.as_ref().map(|h| h.counter).unwrap_or(0),
             at: now(),
+            blue_green: match &self.ctx.blue_green_refusal {
+                None => BlueGreenSupport::Supported,
+                Some(why) => BlueGreenSupport::Unsupported { why: why.clone() },
+            },
         }
     }
 
@@ -1405,4 +1435,52 @@ fn install(
     install_image(engine, &job.release, &dir)?;
     crate::fsutil::sync_fs(&dir).map_err(|e| fail(format!("cannot sync {slot}: {e}")))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the core refuses blue-green with, and every reported state carries.
+    #[test]
+    fn blue_green_refusal_names_what_stops_this_device() {
+        let dirs = [PathBuf::from("/var/lib/app")];
+        // (runtime, switch, config data dirs, words in the refusal; none: it can)
+        let cases: &[(RuntimeKind, SwitchKind, &[PathBuf], Option<&str>)] = &[
+            (RuntimeKind::Process, SwitchKind::Forwarder, &[], None),
+            (RuntimeKind::Process, SwitchKind::Command, &[], None),
+            (
+                RuntimeKind::Process,
+                SwitchKind::Off,
+                &[],
+                Some("set blue_green.switch"),
+            ),
+            (
+                RuntimeKind::Process,
+                SwitchKind::Forwarder,
+                &dirs,
+                Some("data directories (/var/lib/app) cannot be snapshotted"),
+            ),
+            (
+                RuntimeKind::Container,
+                SwitchKind::Forwarder,
+                &[],
+                Some("needs the process runtime on this device (app.runtime is \"container\")"),
+            ),
+            (
+                RuntimeKind::Systemd,
+                SwitchKind::Off,
+                &dirs,
+                Some("app.runtime is \"systemd\""),
+            ),
+        ];
+        for (runtime, switch, dirs, words) in cases {
+            let got = blue_green_refusal(*runtime, *switch, dirs);
+            match (words, &got) {
+                (None, None) => {}
+                (Some(w), Some(why)) => assert!(why.contains(w), "{w:?} not in {why:?}"),
+                _ => panic!("{runtime:?} {switch:?} {dirs:?}: {got:?}"),
+            }
+        }
+    }
 }

@@ -67,8 +67,9 @@ pub struct Ctx {
     /// Data directories from the agent's config (`app.data_dirs`), snapshotted for every
     /// release besides the release's own `data_dirs`.
     pub data_dirs: Vec<String>,
-    /// Why this device cannot run a blue-green release (its runtime, or no traffic switch
-    /// configured), as the refusal says it; `None`: it can.
+    /// Why this device cannot run a blue-green release (its runtime, no traffic switch
+    /// configured, or data directories in its config), as the refusal says it; `None`: it can.
+    /// Every reported state carries it too (`Reported::blue_green`).
     pub blue_green_refusal: Option<String>,
 }
 

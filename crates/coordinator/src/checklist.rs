@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use fleet_proto::device::BlueGreenSupport;
 use fleet_proto::operator::CheckItem;
 use fleet_proto::release::{Refusal, Release, StrategyKind};
 use fleet_proto::{DeviceId, SignedRelease, UnixMillis};
@@ -113,7 +114,7 @@ pub fn check(
         StrategyKind::CanaryRolling | StrategyKind::RollingUpdate => {}
         // Blue-green rolls out in canary + waves like canary-rolling; the agents do the
         // side-by-side start and the traffic switch. What a device needs for it is checked by
-        // "each device can hold two instances" below.
+        // "each device can run blue-green" and "each device can hold two instances" below.
         StrategyKind::BlueGreen => {}
         // A/B: each arm's release is checked here like any other; the items about the pair
         // (and the refusal of an `ab` release started alone) are in `crate::ab`.
@@ -299,6 +300,7 @@ pub fn check(
     ));
 
     if release.strategy.kind == StrategyKind::BlueGreen {
+        items.push(blue_green_capable(&eligible));
         items.push(two_instances(release, &eligible));
     }
 
@@ -458,25 +460,110 @@ pub fn check(
     }
 }
 
+/// How many distinct reasons the blue-green item spells out before it only counts the rest.
+const MAX_REASONS: usize = 3;
+
+/// Blue-green needs, on each target, the `process` runtime (the only one where the agent runs
+/// two instances side by side) and a traffic switch (`[blue_green] switch`). Each agent reports
+/// whether it has them ([`BlueGreenSupport`], in its reported state), in the words its refusal
+/// would use; the devices that cannot are named here, grouped by reason, before anything is
+/// sent.
+///
+/// Design: an agent older than that report says nothing (`Unknown`). It is named in the detail
+/// but does not fail the item: such an agent refuses a blue-green release on arrival if it
+/// cannot run one, as every agent did before the report existed. Its runtime is in the facts
+/// every agent reports, so one that is not on `process` still fails the item.
+fn blue_green_capable(eligible: &[&DeviceInfo]) -> CheckItem {
+    let mut cannot: Vec<(&DeviceId, String)> = Vec::new();
+    let mut unknown: Vec<&DeviceId> = Vec::new();
+    for d in eligible {
+        match &d.blue_green {
+            BlueGreenSupport::Supported => {}
+            BlueGreenSupport::Unsupported { why } => cannot.push((&d.id, why.clone())),
+            BlueGreenSupport::Unknown => match d.facts.as_ref().map(|f| f.runtime.as_str()) {
+                Some(runtime) if runtime != "process" => cannot.push((
+                    &d.id,
+                    format!(
+                        "blue-green needs the process runtime on this device (it runs the {runtime} runtime)"
+                    ),
+                )),
+                _ => unknown.push(&d.id),
+            },
+        }
+    }
+    // Reasons by how many devices give them, most first (then by their words, for a stable
+    // order); each with the first few device ids.
+    let mut by_reason: std::collections::BTreeMap<&str, Vec<&DeviceId>> = Default::default();
+    for (id, why) in &cannot {
+        by_reason.entry(why.as_str()).or_default().push(id);
+    }
+    let mut reasons: Vec<(&str, Vec<&DeviceId>)> = by_reason.into_iter().collect();
+    reasons.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(a.0.cmp(b.0)));
+
+    let mut detail = Vec::new();
+    if cannot.is_empty() {
+        detail.push(format!(
+            "{} targets report the process runtime and a traffic switch",
+            eligible.len() - unknown.len()
+        ));
+    } else {
+        let mut said: Vec<String> = reasons
+            .iter()
+            .take(MAX_REASONS)
+            .map(|(why, ids)| {
+                format!(
+                    "{} say \"{why}\": {}",
+                    ids.len(),
+                    list_ids(ids.iter().copied(), 5)
+                )
+            })
+            .collect();
+        if reasons.len() > MAX_REASONS {
+            let rest: usize = reasons[MAX_REASONS..]
+                .iter()
+                .map(|(_, ids)| ids.len())
+                .sum();
+            said.push(format!(
+                "{rest} more for {} other reasons: {}",
+                reasons.len() - MAX_REASONS,
+                list_ids(
+                    reasons[MAX_REASONS..]
+                        .iter()
+                        .flat_map(|(_, ids)| ids.iter().copied()),
+                    5
+                )
+            ));
+        }
+        detail.push(format!(
+            "{} devices cannot run a blue-green release: {}",
+            cannot.len(),
+            said.join("; ")
+        ));
+    }
+    if !unknown.is_empty() {
+        detail.push(format!(
+            "{} devices do not say whether they have a traffic switch (an agent older than this coordinator, or no state reported yet; one without a switch refuses the release when it arrives): {}",
+            unknown.len(),
+            list_ids(unknown.iter().copied(), 5)
+        ));
+    }
+    item(
+        "each device can run blue-green (runtime, traffic switch)",
+        cannot.is_empty(),
+        detail.join("; "),
+        Some("configure [blue_green] switch (\"forwarder\" or \"command\") in these devices' agent config, exclude them with the release's [target] (device types, regions, tags or devices), or ship the release as strategy canary-rolling".into()),
+    )
+}
+
 /// Blue-green starts the new version beside the running one, so each target must hold a
 /// second instance: free memory in its last heartbeat (total − used, where used already
-/// includes the running instance) of at least `resources.memory`, and the `process` runtime,
-/// the only one where the agent runs two instances side by side.
-///
-/// Design: whether a device has a traffic switch configured (`blue_green.switch`) is not in
-/// anything a device reports (`DeviceFacts` has no such field), so it cannot be checked here;
-/// a device without one refuses the release (`Refusal::StrategyUnsupported`) when it gets it.
+/// includes the running instance) of at least `resources.memory`. Whether it can run two
+/// instances at all (its runtime) is [`blue_green_capable`]'s.
 fn two_instances(release: &Release, eligible: &[&DeviceInfo]) -> CheckItem {
     let need = release.resources.memory_bytes;
-    let mut wrong_runtime = Vec::new();
     let mut no_room = Vec::new();
     let mut unknown = 0usize;
     for d in eligible {
-        if let Some(f) = &d.facts
-            && f.runtime != "process"
-        {
-            wrong_runtime.push((&d.id, f.runtime.as_str()));
-        }
         match (d.memory_used_bytes, d.memory_total_bytes) {
             (Some(used), Some(total)) if total > 0 => {
                 let free = total.saturating_sub(used);
@@ -487,40 +574,30 @@ fn two_instances(release: &Release, eligible: &[&DeviceInfo]) -> CheckItem {
             _ => unknown += 1,
         }
     }
-    let ok = wrong_runtime.is_empty() && no_room.is_empty();
-    let mut detail = Vec::new();
-    if ok {
-        detail.push(format!(
-            "{} MiB free beside the running instance and the process runtime on every target that reported ({unknown} not reported yet)",
+    let ok = no_room.is_empty();
+    let detail = if ok {
+        format!(
+            "{} MiB free beside the running instance on every target that reported ({unknown} not reported yet)",
             need >> 20
-        ));
-    }
-    if !no_room.is_empty() {
+        )
+    } else {
         let least = no_room.iter().map(|(_, free)| *free).min().unwrap_or(0);
-        detail.push(format!(
+        format!(
             "{} devices have less than {} MiB free for a second instance (least: {} MiB): {}",
             no_room.len(),
             need >> 20,
             least >> 20,
             list_ids(no_room.iter().map(|(d, _)| *d), 5)
-        ));
-    }
-    if !wrong_runtime.is_empty() {
-        let mut runtimes: Vec<&str> = wrong_runtime.iter().map(|(_, r)| *r).collect();
-        runtimes.sort();
-        runtimes.dedup();
-        detail.push(format!(
-            "{} devices run the {} runtime, not process: {}",
-            wrong_runtime.len(),
-            runtimes.join("/"),
-            list_ids(wrong_runtime.iter().map(|(d, _)| *d), 5)
-        ));
-    }
+        )
+    };
     item(
         "each device can hold two instances (blue-green)",
         ok,
-        detail.join("; "),
-        Some("lower resources.memory, free memory on these devices or exclude them from the target; devices not on the process runtime need strategy canary-rolling".into()),
+        detail,
+        Some(
+            "lower resources.memory, free memory on these devices or exclude them from the target"
+                .into(),
+        ),
     )
 }
 
@@ -545,7 +622,7 @@ mod tests {
     }
 
     #[test]
-    fn blue_green_needs_room_for_a_second_instance_and_the_process_runtime() {
+    fn blue_green_needs_room_for_a_second_instance() {
         let bg = Knobs {
             strategy: "blue-green",
             ..Knobs::default()
@@ -595,16 +672,6 @@ mod tests {
                 true,
                 &["3 not reported yet"],
             ),
-            (
-                "a container device cannot run two instances",
-                |f| {
-                    if let Some(d) = f.values_mut().nth(1) {
-                        d.facts.as_mut().expect("facts").runtime = "container".into();
-                    }
-                },
-                false,
-                &["1 devices run the container runtime, not process: dev-000001"],
-            ),
         ];
         for (what, change, ok, words) in cases {
             let mut f = fleet(20);
@@ -627,8 +694,188 @@ mod tests {
     #[test]
     fn other_strategies_have_no_two_instance_item() {
         let (_, signed) = testkit::signed("app", "1.0", 1, &Knobs::default());
-        let v = testkit::validate(&fleet(4), &signed, testkit::T0);
+        let mut f = fleet(4);
+        for d in f.values_mut() {
+            d.blue_green = BlueGreenSupport::Unsupported {
+                why: NO_SWITCH.into(),
+            };
+        }
+        let v = testkit::validate(&f, &signed, testkit::T0);
         assert!(two_instances_item(&v).is_none(), "{:#?}", v.items);
+        assert!(capable_item(&v).is_none(), "{:#?}", v.items);
+        assert!(v.ok(), "{:#?}", v.failed());
+    }
+
+    const NO_SWITCH: &str = "blue-green needs a traffic switch on this device: set blue_green.switch to \"forwarder\" or \"command\" in the agent's config";
+    const CONTAINER: &str = "blue-green needs the process runtime on this device (app.runtime is \"container\"); ship this release as canary-rolling";
+
+    fn capable_item(v: &Validation) -> Option<&CheckItem> {
+        v.items
+            .iter()
+            .find(|i| i.name == "each device can run blue-green (runtime, traffic switch)")
+    }
+
+    /// Sets what the devices `range` (by position) report.
+    fn report(
+        f: &mut BTreeMap<DeviceId, DeviceInfo>,
+        range: std::ops::Range<usize>,
+        support: BlueGreenSupport,
+    ) {
+        for d in f.values_mut().skip(range.start).take(range.len()) {
+            d.blue_green = support.clone();
+        }
+    }
+
+    fn unsupported(why: &str) -> BlueGreenSupport {
+        BlueGreenSupport::Unsupported { why: why.into() }
+    }
+
+    #[test]
+    fn blue_green_refuses_devices_that_say_they_cannot_run_it_and_names_those_that_do_not_say() {
+        let bg = Knobs {
+            strategy: "blue-green",
+            ..Knobs::default()
+        };
+        let (_, signed) = testkit::signed("app", "1.0", 1, &bg);
+        // (what, change to a fleet of 20 that all can, item ok, words in the detail, words not)
+        #[allow(clippy::type_complexity)]
+        let cases: &[(
+            &str,
+            fn(&mut BTreeMap<DeviceId, DeviceInfo>),
+            bool,
+            &[&str],
+            &[&str],
+        )] = &[
+            (
+                "every device can",
+                |_| {},
+                true,
+                &["20 targets report the process runtime and a traffic switch"],
+                &["do not say", "cannot"],
+            ),
+            (
+                "older agents do not say: named, not refused",
+                |f| report(f, 0..3, BlueGreenSupport::Unknown),
+                true,
+                &[
+                    "17 targets report",
+                    "3 devices do not say whether they have a traffic switch",
+                    "refuses the release when it arrives",
+                    "dev-000000, dev-000001, dev-000002",
+                ],
+                &["cannot"],
+            ),
+            (
+                "a fleet of older agents only",
+                |f| report(f, 0..20, BlueGreenSupport::Unknown),
+                true,
+                &["0 targets report", "20 devices do not say", "and 15 more"],
+                &[],
+            ),
+            (
+                "devices without a switch, one container, one older agent: grouped by reason, most first",
+                |f| {
+                    report(f, 0..8, unsupported(NO_SWITCH));
+                    report(f, 8..9, unsupported(CONTAINER));
+                    report(f, 9..10, BlueGreenSupport::Unknown);
+                },
+                false,
+                &[
+                    "9 devices cannot run a blue-green release: 8 say \"blue-green needs a traffic switch on this device: set blue_green.switch",
+                    "dev-000000, dev-000001, dev-000002, dev-000003, dev-000004 and 3 more; 1 say \"blue-green needs the process runtime on this device (app.runtime is \"container\"); ship this release as canary-rolling\": dev-000008; 1 devices do not say",
+                    "dev-000009",
+                ],
+                &["targets report"],
+            ),
+            (
+                "an older agent on the container runtime: its facts say enough",
+                |f| {
+                    report(f, 4..5, BlueGreenSupport::Unknown);
+                    if let Some(d) = f.values_mut().nth(4) {
+                        d.facts.as_mut().expect("facts").runtime = "container".into();
+                    }
+                },
+                false,
+                &[
+                    "1 devices cannot run a blue-green release: 1 say \"blue-green needs the process runtime on this device (it runs the container runtime)\": dev-000004",
+                ],
+                &["do not say"],
+            ),
+            (
+                "many reasons: the first few spelled out, the rest counted",
+                |f| {
+                    report(f, 0..3, unsupported("reason a"));
+                    report(f, 3..5, unsupported("reason b"));
+                    report(f, 5..7, unsupported("reason c"));
+                    report(f, 7..8, unsupported("reason d"));
+                    report(f, 8..9, unsupported("reason e"));
+                },
+                false,
+                &[
+                    "9 devices cannot run a blue-green release: 3 say \"reason a\"",
+                    "2 say \"reason b\": dev-000003, dev-000004; 2 say \"reason c\"",
+                    "2 more for 2 other reasons: dev-000007, dev-000008",
+                ],
+                &["reason d", "reason e"],
+            ),
+        ];
+        for (what, change, ok, words, absent) in cases {
+            let mut f = fleet(20);
+            report(&mut f, 0..20, BlueGreenSupport::Supported);
+            change(&mut f);
+            let v = testkit::validate(&f, &signed, testkit::T0);
+            let item = capable_item(&v).expect("a blue-green checklist has the item");
+            assert_eq!(item.ok, *ok, "{what}: {item:?}");
+            assert_eq!(v.ok(), *ok, "{what}: {:#?}", v.failed());
+            for w in *words {
+                assert!(
+                    item.detail.contains(w),
+                    "{what}: {w:?} not in {:?}",
+                    item.detail
+                );
+            }
+            for w in *absent {
+                assert!(
+                    !item.detail.contains(w),
+                    "{what}: {w:?} in {:?}",
+                    item.detail
+                );
+            }
+            match &item.fix {
+                None => assert!(ok, "{what}: {item:?}"),
+                Some(fix) => {
+                    for w in ["[blue_green] switch", "[target]", "canary-rolling"] {
+                        assert!(fix.contains(w), "{what}: {w:?} not in {fix:?}");
+                    }
+                }
+            }
+            // The memory item is not where these devices are named.
+            let two = two_instances_item(&v).expect("the memory item");
+            assert!(two.ok, "{what}: {two:?}");
+        }
+    }
+
+    #[test]
+    fn devices_outside_the_target_are_not_refused_for_blue_green() {
+        // The jetsons cannot, and the release targets the rpi4s only.
+        let bg = Knobs {
+            strategy: "blue-green",
+            hardware: vec!["rpi4"],
+            ..Knobs::default()
+        };
+        let (_, signed) = testkit::signed("app", "1.0", 1, &bg);
+        let mut f = fleet(20);
+        for d in f.values_mut() {
+            d.blue_green = if d.device_type() == "jetson" {
+                unsupported(NO_SWITCH)
+            } else {
+                BlueGreenSupport::Supported
+            };
+        }
+        let v = testkit::validate(&f, &signed, testkit::T0);
+        let item = capable_item(&v).expect("the item");
+        assert!(item.ok, "{item:?}");
+        assert!(item.detail.starts_with("15 targets report"), "{item:?}");
         assert!(v.ok(), "{:#?}", v.failed());
     }
 }

@@ -1,6 +1,6 @@
 //! What the pure core knows about a device: a snapshot of its registry row.
 
-use fleet_proto::device::{DeviceFacts, Installed, OutcomeKind};
+use fleet_proto::device::{BlueGreenSupport, DeviceFacts, Installed, OutcomeKind};
 use fleet_proto::hex::Sha256;
 use fleet_proto::{DeviceId, RolloutId, UnixMillis};
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,11 @@ pub struct DeviceInfo {
     /// events lost while the coordinator was down still show as a gap.
     #[serde(default)]
     pub last_event_seq: Option<u64>,
+    /// Whether the device can run a blue-green release, from its latest reported state: the
+    /// checklist refuses a blue-green plan naming those that cannot. `Unknown` until it
+    /// reports, when its agent is older than the field, and in rows written before it.
+    #[serde(default)]
+    pub blue_green: BlueGreenSupport,
 }
 
 /// The device's latest reported outcome, condensed.
@@ -92,6 +97,7 @@ impl DeviceInfo {
             desired_retry: 0,
             rollout: None,
             last_event_seq: None,
+            blue_green: BlueGreenSupport::Unknown,
         }
     }
 
@@ -190,6 +196,9 @@ pub fn reconcile_state(
     d.active = rep.active.clone();
     d.standby = rep.standby.clone();
     d.highest_counter = d.highest_counter.max(rep.highest_counter);
+    // Always the latest report's: an agent downgraded to one older than the field goes back
+    // to Unknown rather than keeping what a newer one said.
+    d.blue_green = rep.blue_green.clone();
     d.applied_sequence = rep.applied_sequence;
     // A device that acted on a newer sequence than we remember (e.g. a restored database)
     // must still see our next desired state as newer.
@@ -220,6 +229,7 @@ mod tests {
             last_outcome: None,
             highest_counter: 5,
             at: UnixMillis(0),
+            blue_green: BlueGreenSupport::Supported,
         }
     }
 
@@ -239,6 +249,7 @@ mod tests {
         let r = reconcile_state(&mut d, &rep, &[], UnixMillis(1));
         assert!(r.added && r.discrepancy.is_none());
         assert_eq!(d.active_digest(), Some(one.digest));
+        assert_eq!(d.blue_green, BlueGreenSupport::Supported);
 
         // An update the coordinator asked for: no discrepancy.
         let rep = report(&d, Some(two.clone()), 0, "eu");
@@ -259,8 +270,23 @@ mod tests {
         assert_eq!(d.highest_counter, 5);
 
         // A device that applied a newer sequence than the registry knows raises ours.
-        let rep = report(&d, Some(one), 42, "us");
+        let rep = report(&d, Some(one.clone()), 42, "us");
         reconcile_state(&mut d, &rep, &[], UnixMillis(4));
         assert_eq!(d.desired_sequence, 42);
+
+        // Whether it can run blue-green is the latest report's, Unknown included (an agent
+        // downgraded to one that does not say).
+        let why = "blue-green needs a traffic switch on this device".to_owned();
+        for support in [
+            BlueGreenSupport::Unsupported { why },
+            BlueGreenSupport::Unknown,
+        ] {
+            let rep = Reported {
+                blue_green: support.clone(),
+                ..report(&d, Some(one.clone()), 42, "us")
+            };
+            reconcile_state(&mut d, &rep, &[], UnixMillis(5));
+            assert_eq!(d.blue_green, support);
+        }
     }
 }

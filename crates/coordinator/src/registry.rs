@@ -37,6 +37,10 @@ pub enum StoreError {
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+///
+/// A device row keeps the core's view of the device ([`DeviceInfo`]) as JSON in `devices.info`:
+/// a field added there with `#[serde(default)]` (e.g. `blue_green`, whether it can run a
+/// blue-green release) needs no migration, and rows written before it read as its default.
 const MIGRATIONS: &[&str] = &[
     // 1: the initial schema.
     "
@@ -687,6 +691,67 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("append-only"), "{e}");
+    }
+
+    /// Whether a device can run blue-green survives a restart in each of its three states, and
+    /// a device row written before the field existed (here by a schema-1 registry, then
+    /// migrated) reads as Unknown: the checklist names it without refusing the plan.
+    #[test]
+    fn devices_keep_whether_they_can_run_blue_green_and_older_rows_read_as_unknown() {
+        use fleet_proto::device::BlueGreenSupport;
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.db");
+        let mut old = DeviceInfo::new(DeviceId::new("old").unwrap());
+        old.highest_counter = 7;
+        {
+            let conn = Connection::open(&p).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            let mut info = serde_json::to_value(&old).unwrap();
+            assert!(info.as_object_mut().unwrap().remove("blue_green").is_some());
+            conn.execute(
+                "INSERT INTO devices (id, online, quarantined, last_seen, info, heartbeat)
+                 VALUES ('old', 0, 0, NULL, ?1, NULL)",
+                [info.to_string()],
+            )
+            .unwrap();
+        }
+        let mut s = Store::open(&p).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len());
+        let rows = s.device_rows().unwrap();
+        assert_eq!(rows[&old.id].info.blue_green, BlueGreenSupport::Unknown);
+        assert_eq!(rows[&old.id].info, old);
+
+        let supports = [
+            BlueGreenSupport::Supported,
+            BlueGreenSupport::Unsupported {
+                why: "blue-green needs a traffic switch on this device".into(),
+            },
+            BlueGreenSupport::Unknown,
+        ];
+        let rows: Vec<DeviceRow> = supports
+            .iter()
+            .enumerate()
+            .map(|(i, support)| {
+                let mut info = DeviceInfo::new(DeviceId::new(format!("d{i}")).unwrap());
+                info.blue_green = support.clone();
+                DeviceRow {
+                    info,
+                    heartbeat: None,
+                }
+            })
+            .collect();
+        let b = Batch {
+            devices: rows.iter().collect(),
+            ..Batch::default()
+        };
+        s.commit(&b, UnixMillis(1)).unwrap();
+        drop(s);
+        let loaded = Store::open(&p).unwrap().device_rows().unwrap();
+        for r in &rows {
+            assert_eq!(loaded[&r.info.id].info.blue_green, r.info.blue_green);
+        }
     }
 
     fn desired(device: &str, sequence: u64, hold: bool) -> DesiredRow {

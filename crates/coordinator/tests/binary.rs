@@ -139,10 +139,7 @@ async fn kill_9_mid_wave_then_restart_resumes_without_repeating_or_skipping() {
                 if i % 2 == 0 { "rpi4" } else { "jetson" },
                 if i % 3 == 0 { "eu" } else { "us" },
                 Some(testkit::installed(&one.0, &one.1)),
-                Behaviour {
-                    bad_version: None,
-                    error_rate_when_bad: 0.0,
-                },
+                Behaviour::default(),
                 Duration::from_millis(100),
             )
         })

@@ -10,7 +10,8 @@ use std::time::Duration;
 use common::{Behaviour, FakeDevice, Operator, http_get, spawn_device};
 use fleet_coordinator::config::Config;
 use fleet_coordinator::testkit::{self, Knobs};
-use fleet_proto::operator::{Command, DeviceStatus, ReplyBody, ReplyResult};
+use fleet_proto::device::BlueGreenSupport;
+use fleet_proto::operator::{CheckItem, Command, DeviceStatus, ReplyBody, ReplyResult};
 use fleet_proto::release::Release;
 use fleet_proto::rollout::{RolloutState, RolloutStatus};
 use fleet_proto::{RolloutId, SignedRelease};
@@ -158,15 +159,7 @@ async fn a_good_rollout_completes() {
         waves: vec![50, 100],
         ..Knobs::default()
     });
-    let devices = fleet(
-        port,
-        6,
-        &one,
-        Behaviour {
-            bad_version: None,
-            error_rate_when_bad: 0.0,
-        },
-    );
+    let devices = fleet(port, 6, &one, Behaviour::default());
     let mut op = Operator::connect(port, "good").await;
     wait_registered(&mut op, 6).await;
 
@@ -277,6 +270,7 @@ async fn a_bad_canary_halts_and_rolls_back() {
         Behaviour {
             bad_version: Some("2.0".into()),
             error_rate_when_bad: 0.9,
+            ..Behaviour::default()
         },
     );
     let mut op = Operator::connect(port, "bad").await;
@@ -384,15 +378,7 @@ async fn a_restart_keeps_blue_green_holds_and_an_abort_releases_them() {
         canary_soak: "1h",
         ..Knobs::default()
     });
-    let devices = fleet(
-        port,
-        8,
-        &one,
-        Behaviour {
-            bad_version: None,
-            error_rate_when_bad: 0.0,
-        },
-    );
+    let devices = fleet(port, 8, &one, Behaviour::default());
     let mut op = Operator::connect(port, "bluegreen").await;
     wait_registered(&mut op, 8).await;
     let id = start(&mut op, &one.1, &two.1).await;
@@ -478,6 +464,124 @@ async fn a_restart_keeps_blue_green_holds_and_an_abort_releases_them() {
     running.stop().await.unwrap();
 }
 
+/// Devices say in their state reports whether they can run a blue-green release. `plan`
+/// refuses a blue-green release naming the devices that cannot and why, names those that do
+/// not say (agents older than the report) without refusing for them, and `start` refuses it
+/// without sending anything; the same release as canary-rolling passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_refuses_blue_green_naming_the_devices_that_cannot_run_it() {
+    const ITEM: &str = "each device can run blue-green (runtime, traffic switch)";
+    let no_switch = "blue-green needs a traffic switch on this device: set blue_green.switch to \"forwarder\" or \"command\" in the agent's config";
+    let dir = tempfile::tempdir().unwrap();
+    let running = fleet_coordinator::start(config(dir.path(), &[]))
+        .await
+        .unwrap();
+    let port = running.mqtt_addr.unwrap().port();
+    let (one, two) = releases(Knobs {
+        strategy: "blue-green",
+        ..Knobs::default()
+    });
+    let devices: Vec<FakeDevice> = (0..6)
+        .map(|i| {
+            let blue_green = match i {
+                1 | 4 => BlueGreenSupport::Unsupported {
+                    why: no_switch.into(),
+                },
+                2 => BlueGreenSupport::Unknown,
+                _ => BlueGreenSupport::Supported,
+            };
+            spawn_device(
+                port,
+                &format!("cam-{i:02}"),
+                if i % 2 == 0 { "rpi4" } else { "jetson" },
+                if i % 3 == 0 { "eu" } else { "us" },
+                Some(testkit::installed(&one.0, &one.1)),
+                Behaviour {
+                    blue_green,
+                    ..Behaviour::default()
+                },
+                Duration::from_millis(100),
+            )
+        })
+        .collect();
+    let mut op = Operator::connect(port, "bg-plan").await;
+    wait_registered(&mut op, 6).await;
+    // The coordinator learns the current release (the rollback target) from a plan.
+    let r = op
+        .ask(Command::Plan {
+            release: one.1.clone(),
+        })
+        .await;
+    assert!(matches!(r.result, ReplyResult::Accepted(_)), "{r:?}");
+
+    let plan = match op
+        .ask(Command::Plan {
+            release: two.1.clone(),
+        })
+        .await
+        .result
+    {
+        ReplyResult::Accepted(b) => match *b {
+            ReplyBody::Plan(p) => p,
+            other => panic!("{other:?}"),
+        },
+        ReplyResult::Refused(r) => panic!("plan refused: {r:#?}"),
+    };
+    let failed: Vec<&CheckItem> = plan.checklist.iter().filter(|i| !i.ok).collect();
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    let item = failed[0];
+    assert_eq!(item.name, ITEM);
+    for w in [
+        &format!(
+            "2 devices cannot run a blue-green release: 2 say \"{no_switch}\": cam-01, cam-04"
+        ),
+        "1 devices do not say whether they have a traffic switch",
+        "cam-02",
+    ] {
+        assert!(item.detail.contains(w), "{w:?} not in {:?}", item.detail);
+    }
+    assert!(
+        item.fix
+            .as_deref()
+            .is_some_and(|f| f.contains("[blue_green] switch") && f.contains("canary-rolling")),
+        "{item:?}"
+    );
+
+    match op
+        .ask(Command::Start {
+            release: two.1.clone(),
+        })
+        .await
+        .result
+    {
+        ReplyResult::Refused(r) => {
+            assert!(r.message.contains(ITEM), "{r:#?}");
+            assert!(
+                r.checklist.iter().any(|i| i.name == ITEM && !i.ok),
+                "{r:#?}"
+            );
+        }
+        ReplyResult::Accepted(b) => panic!("started: {b:?}"),
+    }
+    let d2 = two.1.digest();
+    for d in &devices {
+        assert!(received(d, d2).is_empty(), "{} got the release", d.id);
+    }
+
+    // The same release as canary-rolling (signed again: another digest) has no such item.
+    let (_, plain) = releases(Knobs::default());
+    let plan = match op.ask(Command::Plan { release: plain.1 }).await.result {
+        ReplyResult::Accepted(b) => match *b {
+            ReplyBody::Plan(p) => p,
+            other => panic!("{other:?}"),
+        },
+        ReplyResult::Refused(r) => panic!("plan refused: {r:#?}"),
+    };
+    assert!(plan.checklist.iter().all(|i| i.ok), "{:#?}", plan.checklist);
+    assert!(plan.checklist.iter().all(|i| i.name != ITEM));
+    running.stop().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_are_counted_and_dropped() {
     let dir = tempfile::tempdir().unwrap();
@@ -506,10 +610,7 @@ async fn malformed_frames_are_counted_and_dropped() {
         "rpi4",
         "eu",
         Some(testkit::installed(&one.0, &one.1)),
-        Behaviour {
-            bad_version: None,
-            error_rate_when_bad: 0.0,
-        },
+        Behaviour::default(),
         Duration::from_millis(100),
     );
     let _ = dev;

@@ -177,6 +177,7 @@ fn report(id: &str, seq: u64) -> Vec<u8> {
         last_outcome: None,
         highest_counter: 0,
         at: now(),
+        blue_green: Default::default(),
     })
 }
 

@@ -136,6 +136,36 @@ pub struct Reported {
     /// The highest release counter this device has accepted (never goes down).
     pub highest_counter: u64,
     pub at: UnixMillis,
+    // Appended: an older agent's frame ends before it (see `frame::appended`).
+    /// Whether this device can run a blue-green release, so that the coordinator's checklist
+    /// refuses a blue-green plan for the devices that cannot instead of each refusing the
+    /// release when it arrives.
+    #[serde(default, deserialize_with = "crate::frame::appended")]
+    pub blue_green: BlueGreenSupport,
+}
+
+/// Whether a device can run a blue-green release, as its agent reports it in
+/// [`Reported::blue_green`].
+///
+/// Design: three states, not an `Option<String>`, because an agent from before the field
+/// existed says nothing, which is neither "it can" nor "it cannot". That is the default, so it
+/// is also what a frame without the field, or with bytes that are not a `BlueGreenSupport`,
+/// reads as (`frame::appended`); it is the safe reading because such an agent still refuses a
+/// blue-green release on arrival if it cannot run one, as every agent did before the field.
+/// Variants are only appended.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlueGreenSupport {
+    /// Not reported: an agent older than the field, or a device that has not reported yet.
+    /// An agent that knows the field never sends it.
+    #[default]
+    Unknown,
+    /// It can: the `process` runtime, a traffic switch configured (`[blue_green] switch`), and
+    /// no data directories in the agent's config.
+    Supported,
+    /// It cannot, and why, in the words of the refusal (`Refusal::StrategyUnsupported`) it
+    /// would answer a blue-green release with: its runtime, no traffic switch configured, or
+    /// data directories in the agent's config that cannot be snapshotted beside two instances.
+    Unsupported { why: String },
 }
 
 /// The application as the agent sees it (layer 3).

@@ -77,6 +77,9 @@ fn reported() -> Reported {
         }),
         highest_counter: 42,
         at: NOW,
+        blue_green: BlueGreenSupport::Unsupported {
+            why: "no traffic switch".into(),
+        },
     }
 }
 
@@ -256,7 +259,8 @@ fn every_truncation_of_every_frame_is_refused_as_truncated() {
     }
     all_prefixes(&heartbeat(), 0);
     all_prefixes(&desired(), 1);
-    all_prefixes(&reported(), 0);
+    // `blue_green`: the variant's index, the string's length and its 17 bytes.
+    all_prefixes(&reported(), 1 + 1 + "no traffic switch".len());
     all_prefixes(&event(), 0);
     all_prefixes(&online(), 0);
     all_prefixes(&request(), 0);
@@ -319,6 +323,48 @@ fn a_newer_reader_reads_an_older_writers_frame_without_the_appended_fields() {
     json.as_object_mut().unwrap().remove("hold");
     let from_json: Desired = serde_json::from_value(json).unwrap();
     assert!(!from_json.hold);
+}
+
+#[test]
+fn an_older_agents_state_reads_as_not_saying_whether_it_can_run_blue_green() {
+    // An agent from before `blue_green` wrote states without it: its frame is today's minus
+    // the field's bytes, and reads as Unknown (neither "can" nor "cannot": the checklist names
+    // such devices without refusing the plan, and the agent still refuses on arrival).
+    let frame = encode(&reported());
+    let field = 1 + 1 + "no traffic switch".len();
+    let older = decode::<Reported>(&frame[..frame.len() - field]).unwrap();
+    assert_eq!(
+        older,
+        Reported {
+            blue_green: BlueGreenSupport::Unknown,
+            ..reported()
+        }
+    );
+    // A field cut short, or bytes that are no `BlueGreenSupport`, read the same way: never as
+    // "it can".
+    for len in frame.len() - field + 1..frame.len() {
+        let cut = decode::<Reported>(&frame[..len]).unwrap();
+        assert_eq!(cut.blue_green, BlueGreenSupport::Unknown, "cut at {len}");
+    }
+    let mut bad = frame[..frame.len() - field].to_vec();
+    bad.push(0x7f);
+    assert_eq!(
+        decode::<Reported>(&bad).unwrap().blue_green,
+        BlueGreenSupport::Unknown
+    );
+    // Each variant as a newer agent sends it.
+    for support in [
+        BlueGreenSupport::Supported,
+        BlueGreenSupport::Unsupported {
+            why: "blue-green needs the process runtime on this device".into(),
+        },
+    ] {
+        let msg = Reported {
+            blue_green: support,
+            ..reported()
+        };
+        assert_eq!(decode::<Reported>(&encode(&msg)).unwrap(), msg);
+    }
 }
 
 #[test]

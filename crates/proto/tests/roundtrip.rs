@@ -323,6 +323,7 @@ fn reported() -> impl Strategy<Value = Reported> {
         proptest::option::of(outcome()),
         any::<u64>(),
         millis(),
+        blue_green_support(),
     )
         .prop_map(
             |(
@@ -336,6 +337,7 @@ fn reported() -> impl Strategy<Value = Reported> {
                 last_outcome,
                 highest_counter,
                 at,
+                blue_green,
             )| {
                 Reported {
                     device,
@@ -348,9 +350,18 @@ fn reported() -> impl Strategy<Value = Reported> {
                     last_outcome,
                     highest_counter,
                     at,
+                    blue_green,
                 }
             },
         )
+}
+
+fn blue_green_support() -> impl Strategy<Value = BlueGreenSupport> {
+    prop_oneof![
+        Just(BlueGreenSupport::Unknown),
+        Just(BlueGreenSupport::Supported),
+        text().prop_map(|why| BlueGreenSupport::Unsupported { why }),
+    ]
 }
 
 fn event() -> impl Strategy<Value = Event> {

@@ -137,6 +137,8 @@ impl Device {
             last_outcome: self.last_outcome.clone(),
             highest_counter: self.highest.as_ref().map_or(0, |h| h.counter),
             at: now(),
+            // A simulated device commits any release it admits, blue-green included.
+            blue_green: fleet_proto::device::BlueGreenSupport::Supported,
         }
     }
 

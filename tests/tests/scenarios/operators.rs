@@ -176,6 +176,7 @@ fn forged(payload_id: &str) -> (Vec<u8>, Vec<u8>) {
         last_outcome: None,
         highest_counter: 666,
         at: now,
+        blue_green: Default::default(),
     };
     let event = Event {
         device: id,

@@ -11,9 +11,11 @@ use std::thread;
 use std::time::{Duration, SystemTime};
 
 use fleet_agent::machine::Phase;
-use fleet_proto::SignedRelease;
-use fleet_proto::device::{Desired, EventKind, RollbackReason, Slot, UpdatePhase};
+use fleet_proto::device::{
+    BlueGreenSupport, Desired, EventKind, RollbackReason, Slot, UpdatePhase,
+};
 use fleet_proto::release::{RollbackTo, StrategyKind};
+use fleet_proto::{Refusal, SignedRelease};
 
 use crate::support::*;
 
@@ -157,6 +159,9 @@ fn blue_green_good_release_switches_with_zero_failed_requests() {
     assert_eq!(request(port_a).as_deref(), Ok("1.0.0-bggood"));
     let old_pids = pids_of("1.0.0-bggood");
     assert_eq!(old_pids.len(), 1, "{old_pids:?}");
+    // With a switch configured the device reports that it can run blue-green.
+    let state = obs.wait_state("a reported state", |_| true);
+    assert_eq!(state.blue_green, BlueGreenSupport::Supported);
 
     let hammer = Hammer::start(dev.app_port, 2);
     wait_until("the hammer to get answers", PATIENCE, || {
@@ -433,6 +438,16 @@ fn blue_green_is_refused_without_a_traffic_switch() {
     assert!(reason.to_string().contains("blue_green.switch"), "{reason}");
     assert_eq!(dev.snapshot(), before);
     assert_eq!(dev.app_version().as_deref(), Some("1.0.0"));
+    // Its reported state said so before the release arrived, in the refusal's words, so that
+    // the coordinator's checklist names it at plan time.
+    let Refusal::StrategyUnsupported { why } = reason else {
+        panic!("{reason:?}")
+    };
+    let state = obs.wait_state("a reported state", |_| true);
+    assert_eq!(
+        state.blue_green,
+        BlueGreenSupport::Unsupported { why: why.clone() }
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use fleet_coordinator::testkit;
 use fleet_proto::device::{
-    AppHealth, AppStatus, Desired, Heartbeat, Installed, Online, Outcome, OutcomeKind, Reported,
-    Slot, SystemHealth, UpdatePhase,
+    AppHealth, AppStatus, BlueGreenSupport, Desired, Heartbeat, Installed, Online, Outcome,
+    OutcomeKind, Reported, Slot, SystemHealth, UpdatePhase,
 };
 use fleet_proto::operator::{Command, Reply, Request};
 use fleet_proto::{DeviceId, RequestId, Topic, UnixMillis, decode, encode};
@@ -36,11 +36,24 @@ pub async fn wait_for<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -
     }
 }
 
-/// How a simulated device behaves once it runs the new version.
+/// How a simulated device behaves once it runs the new version, and what it says about itself.
 #[derive(Clone, Debug)]
 pub struct Behaviour {
     pub bad_version: Option<String>,
     pub error_rate_when_bad: f32,
+    /// What its reported states say about blue-green (it commits any release it gets).
+    pub blue_green: BlueGreenSupport,
+}
+
+impl Default for Behaviour {
+    /// A device that runs every release well and says it can run blue-green.
+    fn default() -> Self {
+        Behaviour {
+            bad_version: None,
+            error_rate_when_bad: 0.0,
+            blue_green: BlueGreenSupport::Supported,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -73,6 +86,7 @@ struct DevState {
     seq_state: u64,
     seq_hb: u64,
     highest: u64,
+    blue_green: BlueGreenSupport,
 }
 
 impl DevState {
@@ -89,6 +103,7 @@ impl DevState {
             last_outcome: self.outcome.clone(),
             highest_counter: self.highest,
             at: now(),
+            blue_green: self.blue_green.clone(),
         }
     }
 }
@@ -117,6 +132,7 @@ pub fn spawn_device(
         outcome: None,
         seq_state: 0,
         seq_hb: 0,
+        blue_green: behaviour.blue_green.clone(),
     };
     let log2 = log.clone();
     let task = tokio::spawn(async move {
