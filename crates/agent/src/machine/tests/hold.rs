@@ -256,8 +256,7 @@ fn a_failed_switch_back_to_the_warm_version_is_reported_with_what_to_fix() {
     );
     assert!(matches!(returning.phase, Phase::Returning { .. }));
     let detail = "the traffic could not be switched back to the previous version: exit 1; it runs, fix the switch (blue_green.command) and point the service at it";
-    let failed =
-        format!("E:Failed(rollback failed: {detail})");
+    let failed = format!("E:Failed(rollback failed: {detail})");
     let s = check(
         returning,
         vec![(
