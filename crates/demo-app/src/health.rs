@@ -101,7 +101,8 @@ fn check(name: &'static str, state: &'static str, severity: Status) -> Check {
 }
 
 /// The `/health` body:
-/// `{"status":…,"version":…,"checks":{name:state,…},"metrics":{"error_rate":…,"p95_ms":…,"requests":…},"uptime_s":…,"rss_bytes":…}`.
+/// `{"status":…,"version":…,"checks":{name:state,…},"metrics":{"error_rate":…,"p95_ms":…,"requests":…,"failed":…},"uptime_s":…,"rss_bytes":…}`:
+/// `error_rate` and `p95_ms` over the window, `requests` and `failed` counted since start.
 pub fn render(
     status: Status,
     checks: &[Check],
@@ -116,7 +117,8 @@ pub fn render(
     let metrics_json = Object::new()
         .number("error_rate", metrics.error_rate, 4)
         .number("p95_ms", metrics.p95_ms, 3)
-        .integer("requests", metrics.requests);
+        .integer("requests", metrics.requests)
+        .integer("failed", metrics.failed);
     Object::new()
         .string("status", status.as_str())
         .string("version", version)
@@ -149,6 +151,7 @@ mod tests {
             error_rate,
             p95_ms: 2.5,
             requests: 100,
+            failed: 7,
             in_window,
         }
     }
@@ -199,7 +202,7 @@ mod tests {
         );
         assert_eq!(
             body,
-            r#"{"status":"degraded","version":"1.2.3","checks":{"worker":"ok","errors":"elevated","self_test":"ok"},"metrics":{"error_rate":0.1000,"p95_ms":2.500,"requests":100},"uptime_s":12,"rss_bytes":4096}"#
+            r#"{"status":"degraded","version":"1.2.3","checks":{"worker":"ok","errors":"elevated","self_test":"ok"},"metrics":{"error_rate":0.1000,"p95_ms":2.500,"requests":100,"failed":7},"uptime_s":12,"rss_bytes":4096}"#
         );
     }
 

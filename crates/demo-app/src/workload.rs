@@ -173,7 +173,7 @@ mod tests {
         let always = Workload::new(ms(5), 1.0, 1, ms(50), Instant::now());
         assert_eq!(always.process(), Outcome::Failed);
         let s = always.snapshot(Instant::now());
-        assert_eq!((s.requests, s.error_rate), (1, 1.0));
+        assert_eq!((s.requests, s.failed, s.error_rate), (1, 1, 1.0));
         assert!(
             s.p95_ms >= 7.0,
             "p95 {} below base + extra latency",

@@ -82,6 +82,13 @@ fn error_rate_shows_in_health_and_in_work() {
         "error_rate {rate} not near 0.3: {}",
         health.body
     );
+    // The totals since start: their ratio is the error rate of every item so far.
+    let since_start = json_num(&health.body, "failed") / json_num(&health.body, "requests");
+    assert!(
+        (0.15..=0.45).contains(&since_start),
+        "failed / requests {since_start} not near 0.3: {}",
+        health.body
+    );
     assert_eq!(
         json_str(&health.body, "status"),
         "degraded",
