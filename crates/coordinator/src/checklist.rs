@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use fleet_proto::device::BlueGreenSupport;
+use fleet_proto::manifest::blue_green_refusals;
 use fleet_proto::operator::CheckItem;
 use fleet_proto::release::{Refusal, Release, StrategyKind};
 use fleet_proto::{DeviceId, SignedRelease, UnixMillis};
@@ -110,21 +111,38 @@ pub fn check(
 
     // The manifest itself.
     let mut problems = Vec::new();
+    let mut fixes = Vec::new();
     match release.strategy.kind {
         StrategyKind::CanaryRolling | StrategyKind::RollingUpdate => {}
         // Blue-green rolls out in canary + waves like canary-rolling; the agents do the
         // side-by-side start and the traffic switch. What a device needs for it is checked by
-        // "each device can run blue-green" and "each device can hold two instances" below.
-        StrategyKind::BlueGreen => {}
+        // "each device can run blue-green" and "each device can hold two instances" below;
+        // what the release alone makes impossible everywhere (its own data directories, a
+        // container) `fleetctl manifest sign` refuses, but an older fleetctl signed it anyway.
+        StrategyKind::BlueGreen => {
+            let refusals = blue_green_refusals(&release.data_dirs, release.container.is_some());
+            if !refusals.is_empty() {
+                problems.extend(refusals);
+                fixes.push("change the manifest as the detail says (usually [strategy] kind = \"canary-rolling\") and sign it again; this version of `fleetctl manifest sign` refuses such a release");
+            }
+        }
         // A/B: each arm's release is checked here like any other; the items about the pair
         // (and the refusal of an `ab` release started alone) are in `crate::ab`.
         StrategyKind::Ab => {}
     }
+    let mut window = false;
     if release.expires <= ctx.now {
         problems.push(format!("expired at {}", release.expires));
+        window = true;
     }
     if release.not_before > ctx.now {
         problems.push(format!("not valid before {}", release.not_before));
+        window = true;
+    }
+    if window {
+        fixes.push(
+            "sign the release again with a validity window (not_before, expires) that includes now",
+        );
     }
     items.push(item(
         "manifest valid",
@@ -137,10 +155,7 @@ pub fn check(
         } else {
             problems.join("; ")
         },
-        Some(
-            "sign the release again with a validity window (not_before, expires) that includes now"
-                .into(),
-        ),
+        Some(fixes.join("; ")),
     ));
 
     let targets = waves::targets(release, devices.iter().copied());
@@ -853,6 +868,141 @@ mod tests {
             let two = two_instances_item(&v).expect("the memory item");
             assert!(two.ok, "{what}: {two:?}");
         }
+    }
+
+    fn manifest_item(v: &Validation) -> &CheckItem {
+        v.items
+            .iter()
+            .find(|i| i.name == "manifest valid")
+            .expect("every checklist has the item")
+    }
+
+    /// A release an older `fleetctl manifest sign` let through: the manifest parser of this
+    /// version refuses it, so the test changes the validated release and signs it again.
+    fn signed_by_an_older_fleetctl(
+        strategy: &'static str,
+        change: fn(&mut Release),
+    ) -> SignedRelease {
+        let k = Knobs {
+            strategy,
+            ..Knobs::default()
+        };
+        let (mut release, _) = testkit::signed("app", "1.0", 1, &k);
+        change(&mut release);
+        SignedRelease::sign(&release, &testkit::signing_key())
+    }
+
+    const DATA_DIRS: &str = "blue-green runs the new version beside the old one on the same data, so the data directories in data.dirs (/var/lib/app, /srv/models) cannot be snapshotted for a rollback; ship this release as canary-rolling, or take them out of data.dirs if both versions can share that data as it is (nothing then restores it on a rollback)";
+    const IN_CONTAINER: &str = "blue-green needs the process runtime, and a release with a [container] section runs only on the container runtime, where every agent refuses blue-green; ship this release as canary-rolling";
+
+    fn with_data_dirs(r: &mut Release) {
+        r.data_dirs = vec!["/var/lib/app".into(), "/srv/models".into()];
+    }
+
+    fn in_a_container(r: &mut Release) {
+        r.container = Some(fleet_proto::release::Container {
+            image: "app:1.0".into(),
+            load: Some("image.tar".into()),
+            image_id: None,
+            name: "app".into(),
+            network: None,
+            ports: Vec::new(),
+            volumes: Vec::new(),
+            devices: Vec::new(),
+            restart: fleet_proto::release::RestartPolicy::UnlessStopped,
+        });
+    }
+
+    #[test]
+    fn a_blue_green_release_every_agent_would_refuse_fails_the_manifest_item() {
+        // (what, strategy, change to the signed release, item ok, detail)
+        #[allow(clippy::type_complexity)]
+        let cases: &[(&str, &str, fn(&mut Release), bool, &str)] = &[
+            (
+                "blue-green with data directories: the manifest parser's words",
+                "blue-green",
+                with_data_dirs,
+                false,
+                DATA_DIRS,
+            ),
+            (
+                "blue-green in a container",
+                "blue-green",
+                in_a_container,
+                false,
+                IN_CONTAINER,
+            ),
+            (
+                "both, each said",
+                "blue-green",
+                |r| {
+                    with_data_dirs(r);
+                    in_a_container(r);
+                },
+                false,
+                "blue-green runs the new version beside the old one on the same data, so the data directories in data.dirs (/var/lib/app, /srv/models) cannot be snapshotted for a rollback; ship this release as canary-rolling, or take them out of data.dirs if both versions can share that data as it is (nothing then restores it on a rollback); blue-green needs the process runtime, and a release with a [container] section runs only on the container runtime, where every agent refuses blue-green; ship this release as canary-rolling",
+            ),
+            (
+                "canary-rolling snapshots the data directories: fine",
+                "canary-rolling",
+                with_data_dirs,
+                true,
+                "strategy canary-rolling, valid until",
+            ),
+            (
+                "blue-green without either: fine",
+                "blue-green",
+                |_| {},
+                true,
+                "strategy blue-green, valid until",
+            ),
+        ];
+        for (what, strategy, change, ok, detail) in cases {
+            let signed = signed_by_an_older_fleetctl(strategy, *change);
+            let mut f = fleet(20);
+            report(&mut f, 0..20, BlueGreenSupport::Supported);
+            let v = testkit::validate(&f, &signed, testkit::T0);
+            let item = manifest_item(&v);
+            assert_eq!(item.ok, *ok, "{what}: {item:?}");
+            assert!(item.detail.starts_with(detail), "{what}: {item:?}");
+            match &item.fix {
+                None => assert!(ok, "{what}: {item:?}"),
+                Some(fix) => assert_eq!(
+                    fix,
+                    "change the manifest as the detail says (usually [strategy] kind = \"canary-rolling\") and sign it again; this version of `fleetctl manifest sign` refuses such a release",
+                    "{what}"
+                ),
+            }
+            // Only this item fails: the devices themselves can run blue-green.
+            assert_eq!(v.ok(), *ok, "{what}: {:#?}", v.failed());
+            assert_eq!(
+                v.failed().len(),
+                usize::from(!ok),
+                "{what}: {:#?}",
+                v.failed()
+            );
+        }
+    }
+
+    #[test]
+    fn an_expired_blue_green_release_with_data_directories_gets_both_fixes() {
+        let signed = signed_by_an_older_fleetctl("blue-green", with_data_dirs);
+        let mut f = fleet(4);
+        report(&mut f, 0..4, BlueGreenSupport::Supported);
+        let later = testkit::T0.saturating_add(Duration::from_secs(5 * 365 * 24 * 3600));
+        let v = testkit::validate(&f, &signed, later);
+        let item = manifest_item(&v);
+        assert!(!item.ok, "{item:?}");
+        assert!(
+            item.detail.starts_with(DATA_DIRS) && item.detail.contains("; expired at "),
+            "{item:?}"
+        );
+        let fix = item.fix.as_deref().expect("a failed item says what to do");
+        assert!(
+            fix.contains("kind = \"canary-rolling\"")
+                && fix.ends_with("; sign the release again with a validity window (not_before, expires) that includes now"),
+            "{fix}"
+        );
     }
 
     #[test]

@@ -225,6 +225,36 @@ fn signing_refuses_invalid_manifests_and_absurd_counter_jumps() {
 }
 
 #[test]
+fn signing_refuses_a_blue_green_release_with_data_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(fleetctl(dir.path(), &["keygen"]));
+    let blue_green = MANIFEST.to_owned()
+        + "\n[strategy]\nkind = \"blue-green\"\n\n[data]\ndirs = [\"/var/lib/detector\"]\n";
+    std::fs::write(dir.path().join("detector.toml"), blue_green).unwrap();
+    let err = fails(
+        fleetctl(
+            dir.path(),
+            &["manifest", "sign", "detector.toml", "--key", "release.key"],
+        ),
+        3,
+    );
+    assert!(
+        err.contains(
+            "detector.toml: invalid manifest: 1 problem\n  - strategy.kind: blue-green runs the new version beside the old one on the same data, so the data directories in data.dirs (/var/lib/detector) cannot be snapshotted for a rollback; ship this release as canary-rolling, or take them out of data.dirs if both versions can share that data as it is (nothing then restores it on a rollback)\n"
+        ),
+        "{err}"
+    );
+    assert!(
+        err.contains("hint: fix every problem listed, then sign again"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("detector.release").exists(),
+        "nothing written for a refused manifest"
+    );
+}
+
+#[test]
 fn rollout_commands_refuse_unsigned_or_altered_manifests_before_connecting() {
     let dir = tempfile::tempdir().unwrap();
     ok(fleetctl(dir.path(), &["keygen"]));

@@ -70,6 +70,35 @@ pub fn parse(text: &str, now: UnixMillis) -> Result<Release, ManifestErrors> {
     }
 }
 
+/// Why every agent would refuse a blue-green release, as far as the release alone tells: its
+/// own data directories (`data.dirs`), or a container (`[container]`). What a device adds (its
+/// runtime, its traffic switch, its `app.data_dirs`) each agent reports for the coordinator's
+/// checklist instead. Validation reports these on `strategy.kind`, so such a release is never
+/// signed; the checklist repeats them for a release an older fleetctl signed.
+///
+/// Design: the words are those of the agent's own refusal (`on_desired` in the agent's
+/// `machine.rs`), with the manifest's keys, so whoever reads either learns the same reason.
+pub fn blue_green_refusals(data_dirs: &[String], container: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    if !data_dirs.is_empty() {
+        // The agent snapshots data.dirs before a swap and restores them on rollback; blue-green
+        // has no swap to snapshot before: the old instance keeps serving, on the same data,
+        // while the new one warms up, and after the commit while its wave is held.
+        problems.push(format!(
+            "blue-green runs the new version beside the old one on the same data, so the data directories in data.dirs ({}) cannot be snapshotted for a rollback; ship this release as canary-rolling, or take them out of data.dirs if both versions can share that data as it is (nothing then restores it on a rollback)",
+            data_dirs.join(", ")
+        ));
+    }
+    if container {
+        // The container runtime refuses blue-green (only the process runtime runs two instances
+        // side by side), and no other runtime installs a container release.
+        problems.push(
+            "blue-green needs the process runtime, and a release with a [container] section runs only on the container runtime, where every agent refuses blue-green; ship this release as canary-rolling".to_owned(),
+        );
+    }
+    problems
+}
+
 #[derive(Default)]
 struct Checker {
     errors: Vec<ManifestError>,
@@ -356,6 +385,12 @@ impl Checker {
         let target = self.target(&mut root);
         let thresholds = self.thresholds(&mut root);
         let data_dirs = self.data(&mut root);
+        if strategy.kind == StrategyKind::BlueGreen {
+            let in_container = container.is_some() || doc.contains_key("container");
+            for problem in blue_green_refusals(&data_dirs, in_container) {
+                self.error("strategy.kind", problem);
+            }
+        }
         self.finish(root);
 
         Some(Release {

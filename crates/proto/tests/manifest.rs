@@ -297,3 +297,53 @@ dirs = ["/var/lib/d", "relative", "/var/lib/d/sub", "/"]
         ],
     );
 }
+
+#[test]
+fn blue_green_with_data_directories_or_a_container_is_refused_naming_both_fields() {
+    let bg = "\n[strategy]\nkind = \"blue-green\"\n";
+    let data = "\n[data]\ndirs = [\"/var/lib/detector\", \"/srv/models/\"]\n";
+    check(
+        &(MINIMAL.to_owned() + bg + data),
+        &[
+            "strategy.kind: blue-green runs the new version beside the old one on the same data, so the data directories in data.dirs (/var/lib/detector, /srv/models) cannot be snapshotted for a rollback; ship this release as canary-rolling, or take them out of data.dirs if both versions can share that data as it is (nothing then restores it on a rollback)",
+        ],
+    );
+    // A container release: the container runtime refuses blue-green, no other runtime runs
+    // the container; with data directories both reasons are given, beside any other problem.
+    let container = MINIMAL.replace("[run]\nentrypoint = \"bin/detector\"\n", "")
+        + "\n[container]\nimage = \"sha256:3f2a4c1b9e8d7a6f5e4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a29\"\n";
+    check(
+        &(container.clone() + bg),
+        &[
+            "strategy.kind: blue-green needs the process runtime, and a release with a [container] section runs only on the container runtime, where every agent refuses blue-green; ship this release as canary-rolling",
+        ],
+    );
+    let errors = parse(
+        &(container.replace("counter = 1", "counter = 0") + bg + data),
+        NOW,
+    )
+    .unwrap_err();
+    let fields: Vec<&str> = errors.0.iter().map(|e| e.field.as_str()).collect();
+    assert_eq!(
+        fields,
+        ["release.counter", "strategy.kind", "strategy.kind"],
+        "{errors}"
+    );
+    assert!(
+        errors.0[1]
+            .problem
+            .contains("data.dirs (/var/lib/detector, /srv/models)")
+    );
+    assert!(errors.0[2].problem.contains("[container]"));
+
+    // Either alone is fine: blue-green without data directories, data directories under the
+    // default strategy.
+    let r = parse(&(MINIMAL.to_owned() + bg), NOW).unwrap();
+    assert_eq!(r.strategy.kind, StrategyKind::BlueGreen);
+    assert!(r.data_dirs.is_empty() && r.container.is_none());
+    let r = parse(&(MINIMAL.to_owned() + data), NOW).unwrap();
+    assert_eq!(r.data_dirs, ["/var/lib/detector", "/srv/models"]);
+    // The shipped container example (default strategy) has both.
+    let errors = parse(&(CONTAINER_EXAMPLE.to_owned() + bg), NOW).unwrap_err();
+    assert_eq!(errors.0.len(), 2, "{errors}");
+}
