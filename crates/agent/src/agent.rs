@@ -559,6 +559,7 @@ impl Driver {
                             warn!(slot = %slot, open, "stopping the new version with connections still open");
                         }
                     }
+                    fault::point("bluegreen-stop-standby");
                     info!(slot = %slot, "stopping the new version's instance");
                     second.stop().await;
                 }
@@ -589,8 +590,12 @@ impl Driver {
                     }
                     (Err(e), ..) => warn!(slot = %to, "traffic switch failed: {e}"),
                 }
-                if matches!(self.state.phase, Phase::Switching { .. }) {
-                    fault::point("bluegreen-switched");
+                match self.state.phase {
+                    Phase::Switching { .. } => fault::point("bluegreen-switched"),
+                    Phase::SwitchingBack { .. } | Phase::Returning { .. } => {
+                        fault::point("bluegreen-switched-back")
+                    }
+                    _ => {}
                 }
                 queue.push_back(Input::Switched { sequence, result });
             }

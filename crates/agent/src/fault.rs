@@ -36,12 +36,28 @@ pub const IDLE_POINTS: &[&str] = &["heartbeat"];
 
 /// Points only a blue-green release reaches (issue 9), not in the canary-rolling crash matrix:
 /// the new version started beside the old one; the traffic switched to it (before the
-/// journal says so); the commit about to stop the old one; a switch back about to happen.
+/// journal says so); the commit (or the end of a hold) about to stop the old one, its
+/// connections drained; a switch back about to happen (after a failed trial, or to the version
+/// a hold kept warm); the traffic switched back (before the journal says so, the `active` link
+/// not moved yet); the new version's instance about to stop after a switch back, its
+/// connections drained (the journal already says how the update ended).
 pub const BLUE_GREEN_POINTS: &[&str] = &[
     "bluegreen-warming",
     "bluegreen-switched",
     "bluegreen-promote",
     "bluegreen-before-switch-back",
+    "bluegreen-switched-back",
+    "bluegreen-stop-standby",
+];
+
+/// The blue-green points a hold reaches once the coordinator decides (the switch back to the
+/// version kept warm, or the `Promote` that stops it): the hold crash matrix kills the agent at
+/// each of them.
+pub const HOLD_POINTS: &[&str] = &[
+    "bluegreen-before-switch-back",
+    "bluegreen-switched-back",
+    "bluegreen-stop-standby",
+    "bluegreen-promote",
 ];
 
 #[cfg(feature = "fault-points")]

@@ -824,11 +824,10 @@ fn on_switched(
         }
         Phase::Returning { job, to, .. } if job.sequence == sequence => {
             // The new version's instance stops either way, as after `SwitchingBack`.
-            actions.push(Action::StopStandby { drain: true });
             let problem = result.err().map(|e| {
                 format!("the traffic could not be switched back to the previous version: {e}; it runs, fix the switch (blue_green.command) and point the service at it")
             });
-            finish_return(s, &job, to, problem, now, actions);
+            finish_return(s, &job, to, problem, true, now, actions);
         }
         _ => {}
     }
@@ -845,7 +844,8 @@ fn stop_warm(s: &mut State, actions: &mut Vec<Action>) {
 }
 
 /// Blue-green hold: the coordinator asked for the release warm in `to`: the traffic and the
-/// `active` link go back to it; `Input::Switched` then stops `from` (`finish_return`).
+/// `active` link go back to it; `Input::Switched` then ends the update and stops `from`
+/// (`finish_return`).
 fn switch_to_warm(s: &mut State, job: Job, from: Slot, to: Slot, actions: &mut Vec<Action>) {
     // Design: the phase names both instances from here on, so `warm` is cleared now.
     s.warm = None;
@@ -860,12 +860,14 @@ fn switch_to_warm(s: &mut State, job: Job, from: Slot, to: Slot, actions: &mut V
 
 /// Ends `Returning` on `to`: the coordinator's desired release runs, so the update is
 /// committed, unless the traffic could not be switched back (`problem`): then it failed as a
-/// rollback, with the message the operator needs.
+/// rollback, with the message the operator needs. `stop_from`: the new version's instance
+/// still runs (not after an agent restart) and stops once its connections have finished.
 fn finish_return(
     s: &mut State,
     job: &Job,
     to: Slot,
     problem: Option<String>,
+    stop_from: bool,
     now: UnixMillis,
     actions: &mut Vec<Action>,
 ) {
@@ -883,6 +885,12 @@ fn finish_return(
             s.last_outcome = Some(outcome(job, OutcomeKind::Failed(reason.clone()), now));
             actions.push(emit(job, EventKind::Failed { reason }));
         }
+    }
+    // Design: the outcome's events before the stop. The journal already says how the update
+    // ended, and draining can take `blue_green.drain_timeout`: an agent killed meanwhile comes
+    // back idle and would never emit them (the hold crash matrix found this).
+    if stop_from {
+        actions.push(Action::StopStandby { drain: true });
     }
     go_idle(s, actions);
 }
@@ -1554,7 +1562,8 @@ fn on_trust(ctx: &Ctx, s: &mut State, chain: &TrustChain, actions: &mut Vec<Acti
 /// | `Warming`, `Switching` or `Proving`, no attempts left | link back to the previous version and start it; rolled back, reason `AgentRestarted` |
 /// | `SwitchingBack` | link back to the previous version and start it (it takes the traffic); the rollback ends with its reason |
 /// | `Idle` with a warm previous version (blue-green `hold`) | both instances died with the agent: as `Idle` (the committed version starts), nothing is warm any more; a rollback the coordinator asks for later takes the ordinary path |
-/// | `Returning` | both instances died with the agent: link to the release the coordinator asked for (the warm one) and start it (it takes the traffic); committed |
+/// | `Returning` | both instances died with the agent, whether or not the traffic and the link had moved: link to the release the coordinator asked for (the warm one) and start it (it takes the traffic); committed |
+/// | `Idle` at the end of a return or of a hold, the other instance not stopped yet | both instances died with the agent: as `Idle`, only the release the coordinator asked for starts |
 ///
 /// In every case the highest accepted counter is kept as it is.
 fn resolve(
@@ -1718,7 +1727,7 @@ fn resolve(
             // The coordinator asked for `to`; both instances died with the agent: it starts on
             // its own, which points the traffic at it.
             restart_previous(s, link, to, actions);
-            finish_return(s, &job, to, None, now, actions);
+            finish_return(s, &job, to, None, false, now, actions);
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::support::*;
 
 /// A device whose agent forwards its service port (`app_port`) to the instance with the
 /// traffic; returns the device and the instance ports (slot A, slot B).
-fn bg_device(name: &str) -> (Device, [(String, String); 4], u16, u16) {
+pub(crate) fn bg_device(name: &str) -> (Device, [(String, String); 4], u16, u16) {
     let dev = Device::new(name, broker());
     let (a, b) = (free_port(), free_port());
     let env = [
@@ -33,7 +33,7 @@ fn bg_device(name: &str) -> (Device, [(String, String); 4], u16, u16) {
     (dev, env, a, b)
 }
 
-fn start(dev: &Device, env: &[(String, String)]) -> Agent {
+pub(crate) fn start(dev: &Device, env: &[(String, String)]) -> Agent {
     let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     Agent::start(dev, &pairs)
 }
@@ -454,7 +454,7 @@ fn blue_green_is_refused_without_a_traffic_switch() {
 // Hold (`Desired.hold`): the old instance stays warm until the coordinator confirms the wave.
 
 /// A desired state with `hold` set as the coordinator sets it until the wave is confirmed.
-fn held(dev: &Device, sequence: u64, release: SignedRelease, hold: bool) -> Desired {
+pub(crate) fn held(dev: &Device, sequence: u64, release: SignedRelease, hold: bool) -> Desired {
     Desired {
         hold,
         ..desired(&dev.id, sequence, Some(release), 0)

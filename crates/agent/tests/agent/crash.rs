@@ -3,19 +3,26 @@
 //! be lost. Needs `--features fault-points`. Every device has a data directory in its agent's
 //! `app.data_dirs`, which the new versions migrate (schema 1 → 2): a device that ends on 1.0.0
 //! must have its unmigrated data back.
+//!
+//! The hold matrix does the same for a blue-green release committed with `Desired.hold` (the
+//! old version kept warm beside it): the agent is killed at each point of what the
+//! coordinator's decision sets off (the switch back to the warm version, or the `Promote` that
+//! stops it), and the device must end running the release the coordinator asked for, alone.
 #![cfg(feature = "fault-points")]
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use fleet_agent::fault::POINTS;
-use fleet_agent::machine::Phase;
+use fleet_agent::fault::{BLUE_GREEN_POINTS, HOLD_POINTS, POINTS};
+use fleet_agent::machine::{Phase, State};
 use fleet_proto::SignedRelease;
-use fleet_proto::device::Slot;
+use fleet_proto::device::{Desired, OutcomeKind, Slot, UpdatePhase};
+use fleet_proto::release::{Release, RollbackTo, StrategyKind};
 
+use crate::bluegreen::{bg_device, held, start};
 use crate::support::*;
 
 const RUNS: u32 = 5;
@@ -28,12 +35,17 @@ struct Fixture {
     versions: BTreeMap<String, Version>,
 }
 
-fn matrix_release(dir: &Path, counter: u64, v: &Version) -> SignedRelease {
+/// A release of `v` whose trial is short: two good probes 100 ms apart.
+fn matrix_unsigned(dir: &Path, counter: u64, v: &Version) -> Release {
     let (path, sha, size) = artifact(dir, v);
     let mut r = release(counter, v, format!("file://{}", path.display()), sha, size);
     r.trial.good_probes = 2;
     r.trial.probe_interval = Duration::from_millis(100);
-    SignedRelease::sign(&r, &key())
+    r
+}
+
+fn matrix_release(dir: &Path, counter: u64, v: &Version) -> SignedRelease {
+    SignedRelease::sign(&matrix_unsigned(dir, counter, v), &key())
 }
 
 /// Which points only the rollback path reaches.
@@ -78,12 +90,8 @@ fn nth(point: &str, run: u32) -> u32 {
 /// Whether the fault point killed the agent, and the version the device ended on.
 fn one_run(fx: &Fixture, point: &str, run: u32) -> Result<(bool, String), String> {
     let dev = Device::new(&format!("crash-{run}"), fx.base.broker_port);
-    copy_tree(&fx.base.root(), &dev.root());
-    copy_tree(&fx.base.state_dir(), &dev.state_dir());
+    copy_device(&fx.base, &dev);
     copy_tree(&data_dir(&fx.base), &data_dir(&dev));
-    // Events of the base device are not this device's.
-    let _ = std::fs::remove_dir_all(dev.state_dir().join("outbox"));
-    let _ = std::fs::remove_file(dev.state_dir().join("counters"));
     let obs = Observer::new(dev.broker_port, &dev.id);
     let release = if needs_bad_release(point) {
         &fx.bad
@@ -115,7 +123,22 @@ fn one_run(fx: &Fixture, point: &str, run: u32) -> Result<(bool, String), String
         }
     };
     let ended_on = check_consistent(fx, &dev, &state)?;
-    // Every event reaches the broker, none lost.
+    check_events_delivered(&dev, &obs)?;
+    drop(agent);
+    Ok((hit, ended_on))
+}
+
+/// A copy of `base` (its slots, `active` link and journal) under a new device's directories,
+/// without the base device's events.
+fn copy_device(base: &Device, dev: &Device) {
+    copy_tree(&base.root(), &dev.root());
+    copy_tree(&base.state_dir(), &dev.state_dir());
+    let _ = std::fs::remove_dir_all(dev.state_dir().join("outbox"));
+    let _ = std::fs::remove_file(dev.state_dir().join("counters"));
+}
+
+/// Every event reaches the broker, none lost: the outbox drains and the seqs have no gap.
+fn check_events_delivered(dev: &Device, obs: &Observer) -> Result<(), String> {
     wait_until_opt(|| {
         let pending = std::fs::read_dir(dev.state_dir().join("outbox"))
             .map(|rd| {
@@ -132,9 +155,7 @@ fn one_run(fx: &Fixture, point: &str, run: u32) -> Result<(bool, String), String
         let max = seqs.iter().next_back().copied().unwrap_or(0);
         (seqs.len() as u64 == max).then_some(())
     })
-    .ok_or_else(|| format!("events lost: {:?}", obs.event_names()))?;
-    drop(agent);
-    Ok((hit, ended_on))
+    .ok_or_else(|| format!("events lost: {:?}", obs.event_names()))
 }
 
 fn wait_until_opt<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
@@ -150,12 +171,14 @@ fn wait_until_opt<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
     }
 }
 
-/// Checks the device is on a complete, verified version; returns that version.
-fn check_consistent(
-    fx: &Fixture,
+/// The journal is idle, both its copies check out, the `active` link points where it says,
+/// and every slot it vouches for holds a complete install of its version; returns the active
+/// slot.
+fn check_idle_and_complete(
+    versions: &BTreeMap<String, Version>,
     dev: &Device,
-    state: &fleet_agent::machine::State,
-) -> Result<String, String> {
+    state: &State,
+) -> Result<Slot, String> {
     if !matches!(state.phase, Phase::Idle) {
         return Err(format!("phase {:?}", state.phase.wire()));
     }
@@ -174,7 +197,7 @@ fn check_consistent(
         };
         let v = &content.installed.version;
         let dir = dev.root().join(slot.dir_name());
-        let want = fx.versions.get(v).ok_or(format!("unknown version {v}"))?;
+        let want = versions.get(v).ok_or(format!("unknown version {v}"))?;
         let run =
             std::fs::read_to_string(dir.join("run")).map_err(|e| format!("{slot}/run: {e}"))?;
         let ver = std::fs::read_to_string(dir.join("VERSION"))
@@ -186,6 +209,12 @@ fn check_consistent(
             return Err(format!("{slot} does not hold a complete {v}"));
         }
     }
+    Ok(active)
+}
+
+/// Checks the device is on a complete, verified version; returns that version.
+fn check_consistent(fx: &Fixture, dev: &Device, state: &State) -> Result<String, String> {
+    let active = check_idle_and_complete(&fx.versions, dev, state)?;
     let version = state
         .slot(active)
         .map(|c| c.installed.version.clone())
@@ -233,7 +262,7 @@ fn kill_at_every_fault_point_then_restart() {
     let mut v2 = version("2.0.0", &["--migrate"]);
     v2.hook = Some("#!/bin/sh\necho ok > hook-ran\n".into());
     let v2bad = version("2.0.1", &["--migrate", "--report-version", "0.0.0"]);
-    let fx = Arc::new(Fixture {
+    let fx = Fixture {
         good: matrix_release(base.dir.path(), 2, &v2),
         bad: matrix_release(base.dir.path(), 3, &v2bad),
         versions: BTreeMap::from([
@@ -242,28 +271,38 @@ fn kill_at_every_fault_point_then_restart() {
             ("2.0.1".to_string(), v2bad),
         ]),
         base,
-    });
+    };
+    run_matrix(POINTS, |p| p.to_string(), |p, run| one_run(&fx, p, run));
+}
 
-    let queue: Arc<Mutex<VecDeque<(&str, u32)>>> = Arc::new(Mutex::new(
-        POINTS
-            .iter()
-            .flat_map(|p| (0..RUNS).map(move |r| (*p, r)))
+/// A fault point's (or a row's) results: runs, runs the agent was killed in, violations, and
+/// the versions the device ended on.
+type Tally = (u32, u32, Vec<String>, BTreeMap<String, u32>);
+
+/// Runs `one(row, run)` `RUNS` times for every row on `WORKERS` threads; `one` says whether
+/// the agent was killed and the version the device ended on, or what was wrong. Prints the
+/// table, then fails on any violation or a row whose fault point never killed the agent.
+fn run_matrix<R: Sync>(
+    rows: &[R],
+    label: impl Fn(&R) -> String,
+    one: impl Fn(&R, u32) -> Result<(bool, String), String> + Sync,
+) {
+    let queue: Mutex<VecDeque<(usize, u32)>> = Mutex::new(
+        (0..rows.len())
+            .flat_map(|i| (0..RUNS).map(move |r| (i, r)))
             .collect(),
-    ));
-    // point → (runs, killed, violations, versions ended on)
-    type Tally = (u32, u32, Vec<String>, BTreeMap<String, u32>);
-    let results: Arc<Mutex<BTreeMap<&str, Tally>>> = Arc::default();
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|_| {
-            let (queue, results, fx) = (Arc::clone(&queue), Arc::clone(&results), Arc::clone(&fx));
-            std::thread::spawn(move || {
+    );
+    let results: Mutex<BTreeMap<usize, Tally>> = Mutex::default();
+    std::thread::scope(|scope| {
+        for _ in 0..WORKERS {
+            scope.spawn(|| {
                 loop {
-                    let Some((point, run)) = queue.lock().unwrap().pop_front() else {
+                    let Some((i, run)) = queue.lock().unwrap().pop_front() else {
                         return;
                     };
-                    let outcome = one_run(&fx, point, run);
+                    let outcome = one(&rows[i], run);
                     let mut r = results.lock().unwrap();
-                    let entry = r.entry(point).or_default();
+                    let entry = r.entry(i).or_default();
                     entry.0 += 1;
                     match outcome {
                         Ok((hit, ended_on)) => {
@@ -273,23 +312,24 @@ fn kill_at_every_fault_point_then_restart() {
                         Err(v) => entry.2.push(format!("run {run}: {v}")),
                     }
                 }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.join().unwrap();
-    }
-    let results = results.lock().unwrap();
-    let mut report =
-        String::from("\nfault point              runs  killed  violations  ended on\n");
+            });
+        }
+    });
+    let results = results.into_inner().unwrap();
+    let labels: Vec<String> = rows.iter().map(label).collect();
+    let w = labels.iter().map(String::len).max().unwrap_or(0).max(24);
+    let mut report = format!(
+        "\n{:<w$} runs  killed  violations  ended on\n",
+        "fault point"
+    );
     let mut violations = Vec::new();
     let mut unreached = Vec::new();
-    for p in POINTS {
-        let (runs, hits, v, ended) = results.get(p).cloned().unwrap_or_default();
-        report += &format!("{p:<24} {runs:>4}  {hits:>6}  {:>10}  {ended:?}\n", v.len());
+    for (i, p) in labels.iter().enumerate() {
+        let (runs, hits, v, ended) = results.get(&i).cloned().unwrap_or_default();
+        report += &format!("{p:<w$} {runs:>4}  {hits:>6}  {:>10}  {ended:?}\n", v.len());
         violations.extend(v.iter().map(|v| format!("{p}: {v}")));
         if hits == 0 {
-            unreached.push(*p);
+            unreached.push(p.as_str());
         }
     }
     eprintln!("{report}");
@@ -301,5 +341,303 @@ fn kill_at_every_fault_point_then_restart() {
     assert!(
         unreached.is_empty(),
         "fault points never reached: {unreached:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blue-green hold: 2.0.0 committed with 1.0.0 kept warm beside it; then the coordinator decides,
+// and the agent is killed at each point of what the decision sets off.
+
+/// What the coordinator sends (sequence 3, without hold) once 2.0.0 is committed with 1.0.0
+/// kept warm.
+#[derive(Clone, Copy, Debug)]
+enum Decision {
+    /// The wave is rolled back: 1.0.0, switched back to (`Returning`), no download.
+    RollBack,
+    /// The wave is confirmed: 2.0.0 again; the warm 1.0.0 stops (`Promote`).
+    Confirm,
+    /// Another release (3.0.0, canary-rolling) before the wave was confirmed: the warm 1.0.0
+    /// stops (`Promote`), then the ordinary path installs 3.0.0 over its slot.
+    Replace,
+}
+
+/// Each hold fault point under the decisions that reach it.
+const HOLD_ROWS: &[(&str, Decision)] = &[
+    // Returning journaled, the traffic still on 2.0.0.
+    ("bluegreen-before-switch-back", Decision::RollBack),
+    // The traffic on 1.0.0, the journal still Returning, the link still on 2.0.0's slot.
+    ("bluegreen-switched-back", Decision::RollBack),
+    // The journal Idle on 1.0.0, 2.0.0's instance drained but not stopped yet.
+    ("bluegreen-stop-standby", Decision::RollBack),
+    // The journal Idle without warm, 1.0.0's instance drained but not stopped yet.
+    ("bluegreen-promote", Decision::Confirm),
+    // The journal Downloading 3.0.0, 1.0.0's instance drained but not stopped yet.
+    ("bluegreen-promote", Decision::Replace),
+];
+
+struct HoldFixture {
+    /// 1.0.0 committed in slot A the ordinary way.
+    base: Device,
+    v1: SignedRelease,
+    /// Blue-green, allowing a rollback to 1.0.0 (as a coordinator's rollback needs).
+    v2: SignedRelease,
+    v3: SignedRelease,
+    versions: BTreeMap<String, Version>,
+}
+
+/// How a decision ends, wherever the agent was killed.
+struct Ending {
+    /// The only version running, from this slot, which the `active` link points to.
+    version: &'static str,
+    slot: Slot,
+    /// The reported last outcome: committed, at this sequence.
+    outcome_sequence: u64,
+    highest_counter: u64,
+    /// The kinds of sequence 3's events, in order (repeats of one kind counted once).
+    events: &'static [&'static str],
+}
+
+impl Decision {
+    fn desired(self, fx: &HoldFixture, dev: &Device) -> Desired {
+        let release = match self {
+            Decision::RollBack => &fx.v1,
+            Decision::Confirm => &fx.v2,
+            Decision::Replace => &fx.v3,
+        };
+        held(dev, 3, release.clone(), false)
+    }
+
+    fn ending(self) -> Ending {
+        match self {
+            // Committed on the version that was kept warm: nothing downloaded or installed.
+            Decision::RollBack => Ending {
+                version: "1.0.0",
+                slot: Slot::A,
+                outcome_sequence: 3,
+                highest_counter: 2,
+                events: &["Verified", "Swapped", "Committed"],
+            },
+            // Nothing to do but stop 1.0.0: no event, the outcome stays 2.0.0's commit.
+            Decision::Confirm => Ending {
+                version: "2.0.0",
+                slot: Slot::B,
+                outcome_sequence: 2,
+                highest_counter: 2,
+                events: &[],
+            },
+            Decision::Replace => Ending {
+                version: "3.0.0",
+                slot: Slot::A,
+                outcome_sequence: 3,
+                highest_counter: 3,
+                events: &[
+                    "DownloadStarted",
+                    "DownloadFinished",
+                    "Verified",
+                    "Installed",
+                    "Swapped",
+                    "TrialStarted",
+                    "Committed",
+                ],
+            },
+        }
+    }
+}
+
+/// The device's app instances as (version, port), by version.
+fn running(dev: &Device) -> Vec<(String, u16)> {
+    let mut v: Vec<(String, u16)> = instances_of(dev)
+        .into_iter()
+        .map(|i| (i.version, i.port))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Whether the agent died at the point, and the version the device ended on.
+fn hold_run(
+    fx: &HoldFixture,
+    point: &str,
+    decision: Decision,
+    run: u32,
+) -> Result<(bool, String), String> {
+    let (dev, env, port_a, port_b) = bg_device(&format!("hold-{run}"));
+    let port = |slot: Slot| match slot {
+        Slot::A => port_a,
+        Slot::B => port_b,
+    };
+    copy_device(&fx.base, &dev);
+    let obs = Observer::new(dev.broker_port, &dev.id);
+    let mut faulty = env.to_vec();
+    faulty.push(("FLEET_AGENT_FAULT".into(), format!("{point}@1")));
+    let mut agent = start(&dev, &faulty);
+    // The hold: 2.0.0 committed and serving, 1.0.0 running beside it without traffic.
+    obs.publish_desired(&held(&dev, 2, fx.v2.clone(), true));
+    let j = wait_until_opt(|| dev.idle_at(2)).ok_or_else(|| {
+        format!(
+            "2.0.0 never committed with hold; journal {:?}",
+            dev.journal().map(|s| s.phase.wire())
+        )
+    })?;
+    if (j.active, j.warm) != (Some(Slot::B), Some(Slot::A)) {
+        return Err(format!(
+            "after the held commit: active {:?}, warm {:?}",
+            j.active, j.warm
+        ));
+    }
+    let both = vec![("1.0.0".to_string(), port_a), ("2.0.0".to_string(), port_b)];
+    wait_until_opt(|| (running(&dev) == both).then_some(()))
+        .ok_or_else(|| format!("held: instances {:?}, want {both:?}", running(&dev)))?;
+
+    obs.publish_desired(&decision.desired(fx, &dev));
+    let end = decision.ending();
+    let alone = vec![(end.version.to_string(), port(end.slot))];
+    // Either the agent dies at the point, or the decision is carried out without reaching it
+    // (every point here comes before the instance it is about to stop has stopped).
+    let exited = wait_until_opt(|| {
+        let ended = dev.idle_at(3).is_some() && running(&dev) == alone;
+        // Asked after looking: an agent alive now was alive when the instances were counted.
+        match agent.child.try_wait().unwrap() {
+            Some(status) => Some(Some(status)),
+            None => ended.then_some(None),
+        }
+    })
+    .ok_or_else(|| {
+        format!(
+            "neither killed nor done; journal {:?}, instances {:?}",
+            dev.journal().map(|s| s.phase.wire()),
+            running(&dev)
+        )
+    })?;
+    let hit = match exited {
+        Some(status) if status.signal() == Some(9) => true,
+        Some(status) => return Err(format!("the agent exited: {status}")),
+        None => false,
+    };
+    let _restarted;
+    if hit {
+        // Both instances die with the agent (PR_SET_PDEATHSIG).
+        wait_until_opt(|| running(&dev).is_empty().then_some(()))
+            .ok_or_else(|| format!("instances outlived the agent: {:?}", running(&dev)))?;
+        wait_port_free(dev.app_port);
+        _restarted = start(&dev, &env);
+    }
+    check_hold(fx, &dev, &obs, &end, &alone)?;
+    drop(agent);
+    Ok((hit, end.version.to_string()))
+}
+
+/// What an operator needs after the decision, killed or not: the release the coordinator
+/// asked for runs alone from the active slot and serves, the journal is idle on it with
+/// nothing warm, the reported state and the events say so.
+fn check_hold(
+    fx: &HoldFixture,
+    dev: &Device,
+    obs: &Observer,
+    end: &Ending,
+    alone: &[(String, u16)],
+) -> Result<(), String> {
+    wait_until_opt(|| dev.idle_at(3)).ok_or_else(|| {
+        format!(
+            "never converged; journal {:?}",
+            dev.journal().map(|s| s.phase.wire())
+        )
+    })?;
+    // A restart journals the end of a return before it moves the link and starts the app:
+    // once the app runs, the link has moved.
+    wait_until_opt(|| (running(dev) == alone).then_some(()))
+        .ok_or_else(|| format!("instances {:?}, want only {alone:?}", running(dev)))?;
+    let state = dev.journal().ok_or("no journal")?;
+    let active = check_idle_and_complete(&fx.versions, dev, &state)?;
+    if active != end.slot || state.warm.is_some() {
+        return Err(format!(
+            "journal: active {active}, warm {:?}; want active {}, nothing warm",
+            state.warm, end.slot
+        ));
+    }
+    if !state.failed.is_empty() {
+        return Err(format!("remembered as failed: {:?}", state.failed));
+    }
+    wait_until_opt(|| (dev.app_version().as_deref() == Some(end.version)).then_some(()))
+        .ok_or_else(|| format!("the service port does not serve {}", end.version))?;
+    // What the coordinator sees: the latest reported state.
+    let reported = wait_until_opt(|| {
+        let seen = obs.seen.lock().unwrap();
+        seen.states
+            .last()
+            .filter(|r| r.applied_sequence >= 3 && r.phase == UpdatePhase::Idle)
+            .cloned()
+    })
+    .ok_or("no idle state reported at sequence 3")?;
+    let outcome = reported
+        .last_outcome
+        .as_ref()
+        .map(|o| (o.sequence, o.version.as_str(), &o.result));
+    let reported_active = reported.active.as_ref().map(|i| i.version.as_str());
+    if reported.applied_sequence != 3
+        || reported_active != Some(end.version)
+        || outcome != Some((end.outcome_sequence, end.version, &OutcomeKind::Committed))
+        || reported.highest_counter != end.highest_counter
+    {
+        return Err(format!(
+            "reported: applied {}, active {reported_active:?}, outcome {outcome:?}, highest counter {}",
+            reported.applied_sequence, reported.highest_counter
+        ));
+    }
+    check_events_delivered(dev, obs)?;
+    let mut by_seq = BTreeMap::new();
+    for e in obs.events().into_iter().filter(|e| e.sequence == 3) {
+        by_seq.insert(e.seq, kind_name(&e.kind));
+    }
+    let mut events: Vec<String> = by_seq.into_values().collect();
+    events.dedup();
+    if events != end.events {
+        return Err(format!(
+            "sequence 3's events {events:?}, want {:?}",
+            end.events
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn kill_during_a_blue_green_hold_then_restart() {
+    for p in HOLD_POINTS {
+        assert!(BLUE_GREEN_POINTS.contains(p), "{p}");
+        assert!(HOLD_ROWS.iter().any(|(r, _)| r == p), "{p} has no row");
+    }
+    let base = Device::new("hold-base", broker());
+    let obs = Observer::new(base.broker_port, &base.id);
+    let mut agent = Agent::start(&base, &[]);
+    let v1 = version("1.0.0", &[]);
+    let s1 = matrix_release(base.dir.path(), 1, &v1);
+    obs.publish_desired(&desired(&base.id, 1, Some(s1.clone()), 0));
+    wait_until("1.0.0 committed", PATIENCE, || base.idle_at(1));
+    base.wait_serving("1.0.0");
+    agent.kill();
+    wait_port_free(base.app_port);
+    let v2 = version("2.0.0", &[]);
+    let mut r2 = matrix_unsigned(base.dir.path(), 2, &v2);
+    r2.strategy.kind = StrategyKind::BlueGreen;
+    r2.rollback_to = Some(RollbackTo {
+        counter: 1,
+        version: "1.0.0".into(),
+    });
+    let v3 = version("3.0.0", &[]);
+    let fx = HoldFixture {
+        v1: s1,
+        v2: SignedRelease::sign(&r2, &key()),
+        v3: matrix_release(base.dir.path(), 3, &v3),
+        versions: BTreeMap::from([
+            ("1.0.0".to_string(), v1),
+            ("2.0.0".to_string(), v2),
+            ("3.0.0".to_string(), v3),
+        ]),
+        base,
+    };
+    run_matrix(
+        HOLD_ROWS,
+        |(p, d)| format!("{p} ({d:?})"),
+        |(p, d), run| hold_run(&fx, p, *d, run),
     );
 }

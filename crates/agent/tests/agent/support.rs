@@ -742,3 +742,58 @@ pub fn commit_first(
     dev.wait_serving(&v.version);
     r
 }
+
+/// One fleet-demo-app server a device's agent runs (not a functional probe's `infer` run).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    pub pid: i32,
+    pub version: String,
+    /// Its `FLEET_APP_PORT`: with a blue-green switch, the port of the slot it runs from.
+    pub port: u16,
+}
+
+/// The app servers of `dev`'s agent, found by the `FLEET_DEVICE_ID` the agent gives its app
+/// (test devices of one run share versions, so a version alone does not say whose it is).
+pub fn instances_of(dev: &Device) -> Vec<Instance> {
+    let device = format!("FLEET_DEVICE_ID={}", dev.id);
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let (Ok(cmd), Ok(environ)) = (
+            std::fs::read(e.path().join("cmdline")),
+            std::fs::read(e.path().join("environ")),
+        ) else {
+            continue;
+        };
+        let split = |b: &[u8]| -> Vec<String> {
+            b.split(|c| *c == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        };
+        let (args, env) = (split(&cmd), split(&environ));
+        // Under qemu-user (binfmt_misc) the interpreter comes first.
+        if !args.iter().take(2).any(|a| a.ends_with("fleet-demo-app"))
+            || args.iter().any(|a| a == "infer")
+            || !env.contains(&device)
+        {
+            continue;
+        }
+        let Some(version) = args
+            .windows(2)
+            .find(|w| w[0] == "--version")
+            .map(|w| w[1].clone())
+        else {
+            continue;
+        };
+        let port = env
+            .iter()
+            .find_map(|v| v.strip_prefix("FLEET_APP_PORT="))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        out.push(Instance { pid, version, port });
+    }
+    out.sort_by_key(|i| i.pid);
+    out
+}

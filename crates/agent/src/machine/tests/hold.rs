@@ -223,10 +223,12 @@ fn the_warm_release_is_switched_back_to_without_download_install_or_restart() {
         vec![(
             switched(3, Ok(())),
             UpdatePhase::Idle,
+            // The events before the stop: draining can take long, and the journal already
+            // says committed.
             &[
-                "StopBeside(drained)",
                 "E:Swapped",
                 "E:Committed",
+                "StopBeside(drained)",
                 "Redeliver",
             ],
         )],
@@ -262,7 +264,7 @@ fn a_failed_switch_back_to_the_warm_version_is_reported_with_what_to_fix() {
         vec![(
             switched(3, Err("exit 1")),
             UpdatePhase::Idle,
-            &["StopBeside(drained)", failed.as_str()],
+            &[failed.as_str(), "StopBeside(drained)"],
         )],
     );
     // As after `SwitchingBack`: the new instance stops, the previous version is active.
