@@ -98,6 +98,12 @@ fn release(counter: u64, version: &str) -> Release {
 }
 
 fn desired(sequence: u64, r: Option<&Release>, retry: u32) -> Input {
+    desired_with(sequence, r, retry, false)
+}
+
+/// A desired state with the coordinator's `hold` (blue-green: keep the previous version warm
+/// until the wave is confirmed).
+fn desired_with(sequence: u64, r: Option<&Release>, retry: u32, hold: bool) -> Input {
     Input::Desired {
         desired: Desired {
             device: dev(),
@@ -106,7 +112,7 @@ fn desired(sequence: u64, r: Option<&Release>, retry: u32) -> Input {
             release: r.map(|r| SignedRelease::sign(r, &key())),
             report_interval: Duration::from_secs(10),
             retry,
-            hold: false,
+            hold,
         },
         disk_free: 1 << 30,
     }
@@ -202,50 +208,111 @@ fn check(mut state: State, script: Vec<(Input, UpdatePhase, &[&str])>) -> State 
     state
 }
 
-/// A device running v1 committed in slot A.
-fn running_v1() -> State {
-    let r1 = release(1, "1.0");
-    let s = check(
-        State::fresh(),
+/// One row of a script: an input, the phase after it, the actions expected.
+type Row<'a> = (Input, UpdatePhase, &'a [&'a str]);
+
+/// The sequence and the release of a desired state (`desired`, `desired_hold`).
+fn job_of(desired: &Input) -> (u64, Release) {
+    let Input::Desired { desired, .. } = desired else {
+        panic!("not a desired state: {desired:?}")
+    };
+    let release = desired
+        .release
+        .as_ref()
+        .expect("a release")
+        .decode_unverified()
+        .expect("a release the tests signed");
+    (desired.sequence, release)
+}
+
+/// From idle, the release of `desired` downloaded, verified and being installed into `slot`.
+#[track_caller]
+fn downloaded(state: State, desired: Input, slot: Slot) -> State {
+    let (sequence, _) = job_of(&desired);
+    let install = format!("Install({slot})");
+    check(
+        state,
         vec![
-            (
-                desired(1, Some(&r1), 0),
-                UpdatePhase::Downloading,
-                &["Download"],
-            ),
+            (desired, UpdatePhase::Downloading, &["Download"]),
             (
                 Input::Downloaded {
-                    sequence: 1,
+                    sequence,
                     result: Ok(()),
                 },
                 UpdatePhase::Installing,
-                &["E:DownloadFinished", "E:Verified", "Install(slot-a)"],
+                &["E:DownloadFinished", "E:Verified", &install],
             ),
+        ],
+    )
+}
+
+/// From idle, the ordinary path (no data snapshot) of `desired`'s release to its trial:
+/// downloaded, installed into `slot`, swapped to and started.
+#[track_caller]
+fn to_trial(state: State, desired: Input, slot: Slot) -> State {
+    let (sequence, _) = job_of(&desired);
+    let (swap, start) = (format!("Swap({slot})"), format!("Start({slot})"));
+    check(
+        downloaded(state, desired, slot),
+        vec![
             (
                 Input::Installed {
-                    sequence: 1,
+                    sequence,
                     result: Ok(()),
                 },
                 UpdatePhase::Swapping,
-                &["E:Installed", "DiscardStaging", "Swap(slot-a)"],
+                &["E:Installed", "DiscardStaging", &swap],
             ),
             (
-                Input::Swapped { sequence: 1 },
+                Input::Swapped { sequence },
                 UpdatePhase::Trial,
-                &["E:Swapped", "Start(slot-a)", "E:TrialStarted"],
-            ),
-            (
-                probe(1, sample("1.0", AppStatus::Healthy)),
-                UpdatePhase::Trial,
-                &[],
-            ),
-            (
-                probe(1, sample("1.0", AppStatus::Healthy)),
-                UpdatePhase::Idle,
-                &["E:Committed"],
+                &["E:Swapped", &start, "E:TrialStarted"],
             ),
         ],
-    );
+    )
+}
+
+/// The two healthy probes of `version` a trial needs (`good_probes` = 2): the first changes
+/// nothing, the second leaves the machine in `phase` with the actions `then`.
+fn good_probes<'a>(
+    sequence: u64,
+    version: &str,
+    phase: UpdatePhase,
+    then: &'a [&'a str],
+) -> Vec<Row<'a>> {
+    vec![
+        (
+            probe(sequence, sample(version, AppStatus::Healthy)),
+            UpdatePhase::Trial,
+            &[],
+        ),
+        (
+            probe(sequence, sample(version, AppStatus::Healthy)),
+            phase,
+            then,
+        ),
+    ]
+}
+
+/// A fresh device's first install of `desired`'s release: the ordinary path into slot A,
+/// committed after its trial.
+#[track_caller]
+fn first_install(desired: Input) -> State {
+    let (sequence, release) = job_of(&desired);
+    check(
+        to_trial(State::fresh(), desired, Slot::A),
+        good_probes(
+            sequence,
+            &release.version,
+            UpdatePhase::Idle,
+            &["E:Committed"],
+        ),
+    )
+}
+
+/// A device running v1 committed in slot A.
+fn running_v1() -> State {
+    let s = first_install(desired(1, Some(&release(1, "1.0")), 0));
     assert_eq!(s.active, Some(Slot::A));
     assert_eq!(s.applied_sequence, 1);
     assert_eq!(s.highest.as_ref().map(|h| h.counter), Some(1));
@@ -254,37 +321,10 @@ fn running_v1() -> State {
 
 /// v2 installed in B and on trial.
 fn trial_v2() -> State {
-    let r2 = release(2, "2.0");
-    check(
+    to_trial(
         running_v1(),
-        vec![
-            (
-                desired(2, Some(&r2), 0),
-                UpdatePhase::Downloading,
-                &["Download"],
-            ),
-            (
-                Input::Downloaded {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Installing,
-                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
-            ),
-            (
-                Input::Installed {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Swapping,
-                &["E:Installed", "DiscardStaging", "Swap(slot-b)"],
-            ),
-            (
-                Input::Swapped { sequence: 2 },
-                UpdatePhase::Trial,
-                &["E:Swapped", "Start(slot-b)", "E:TrialStarted"],
-            ),
-        ],
+        desired(2, Some(&release(2, "2.0")), 0),
+        Slot::B,
     )
 }
 
@@ -292,18 +332,7 @@ fn trial_v2() -> State {
 fn good_release_commits_and_keeps_the_previous_in_standby() {
     let s = check(
         trial_v2(),
-        vec![
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Trial,
-                &[],
-            ),
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Idle,
-                &["E:Committed"],
-            ),
-        ],
+        good_probes(2, "2.0", UpdatePhase::Idle, &["E:Committed"]),
     );
     assert_eq!(s.active, Some(Slot::B));
     assert_eq!(
@@ -430,45 +459,8 @@ fn signed_rollback_is_admitted_and_the_counter_never_goes_down() {
         version: "1.0".into(),
     });
     let s = check(
-        running_v1(),
-        vec![
-            (
-                desired(2, Some(&r2), 0),
-                UpdatePhase::Downloading,
-                &["Download"],
-            ),
-            (
-                Input::Downloaded {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Installing,
-                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
-            ),
-            (
-                Input::Installed {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Swapping,
-                &["E:Installed", "DiscardStaging", "Swap(slot-b)"],
-            ),
-            (
-                Input::Swapped { sequence: 2 },
-                UpdatePhase::Trial,
-                &["E:Swapped", "Start(slot-b)", "E:TrialStarted"],
-            ),
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Trial,
-                &[],
-            ),
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Idle,
-                &["E:Committed"],
-            ),
-        ],
+        to_trial(running_v1(), desired(2, Some(&r2), 0), Slot::B),
+        good_probes(2, "2.0", UpdatePhase::Idle, &["E:Committed"]),
     );
     assert_eq!(s.highest.as_ref().map(|h| h.counter), Some(2));
     // A failed download of v3 does not raise the counter.
@@ -545,18 +537,7 @@ fn desired_is_level_triggered() {
     assert_eq!(s.pending.as_ref().map(|d| d.sequence), Some(8));
     check(
         s,
-        vec![
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Trial,
-                &[],
-            ),
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Idle,
-                &["E:Committed", "Redeliver"],
-            ),
-        ],
+        good_probes(2, "2.0", UpdatePhase::Idle, &["E:Committed", "Redeliver"]),
     );
 }
 
@@ -693,88 +674,51 @@ fn journal_resolution_table() {
 
 #[test]
 fn failed_install_wipes_the_standby_and_a_first_install_rolls_back_to_nothing() {
-    let r2 = release(2, "2.0");
     check(
-        running_v1(),
-        vec![
-            (
-                desired(2, Some(&r2), 0),
-                UpdatePhase::Downloading,
-                &["Download"],
-            ),
-            (
-                Input::Downloaded {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Installing,
-                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
-            ),
-            (
-                Input::Installed {
-                    sequence: 2,
-                    result: Err(Failure::Hook {
-                        detail: "exit 1".into(),
-                    }),
-                },
-                UpdatePhase::Idle,
-                &[
-                    "Wipe(slot-b)",
-                    "DiscardStaging",
-                    "E:Failed(post-install hook failed: exit 1)",
-                ],
-            ),
-        ],
+        downloaded(
+            running_v1(),
+            desired(2, Some(&release(2, "2.0")), 0),
+            Slot::B,
+        ),
+        vec![(
+            Input::Installed {
+                sequence: 2,
+                result: Err(Failure::Hook {
+                    detail: "exit 1".into(),
+                }),
+            },
+            UpdatePhase::Idle,
+            &[
+                "Wipe(slot-b)",
+                "DiscardStaging",
+                "E:Failed(post-install hook failed: exit 1)",
+            ],
+        )],
     );
-    let r1 = release(1, "1.0");
     let s = check(
-        State::fresh(),
-        vec![
-            (
-                desired(1, Some(&r1), 0),
-                UpdatePhase::Downloading,
-                &["Download"],
-            ),
-            (
-                Input::Downloaded {
-                    sequence: 1,
-                    result: Ok(()),
+        to_trial(
+            State::fresh(),
+            desired(1, Some(&release(1, "1.0")), 0),
+            Slot::A,
+        ),
+        vec![(
+            probe(
+                1,
+                Sample {
+                    running: false,
+                    exits: 1,
+                    last_exit_code: Some(3),
+                    health: None,
+                    ..sample("1.0", AppStatus::Healthy)
                 },
-                UpdatePhase::Installing,
-                &["E:DownloadFinished", "E:Verified", "Install(slot-a)"],
             ),
-            (
-                Input::Installed {
-                    sequence: 1,
-                    result: Ok(()),
-                },
-                UpdatePhase::Swapping,
-                &["E:Installed", "DiscardStaging", "Swap(slot-a)"],
-            ),
-            (
-                Input::Swapped { sequence: 1 },
-                UpdatePhase::Trial,
-                &["E:Swapped", "Start(slot-a)", "E:TrialStarted"],
-            ),
-            (
-                probe(
-                    1,
-                    Sample {
-                        running: false,
-                        exits: 1,
-                        last_exit_code: Some(3),
-                        health: None,
-                        ..sample("1.0", AppStatus::Healthy)
-                    },
-                ),
-                UpdatePhase::Idle,
-                &[
-                    "Swap(none)",
-                    "Stop",
-                    "E:RolledBack(the new version exited at start (exit status Some(3)))",
-                ],
-            ),
-        ],
+            UpdatePhase::Idle,
+            &[
+                "Swap(none)",
+                "Stop",
+                "E:RolledBack(the new version exited at start (exit status Some(3)))",
+            ],
+        )],
     );
     assert_eq!(s.active, None);
 }
@@ -794,38 +738,23 @@ fn container(image: &str) -> Container {
 }
 
 /// A device running v1 with v2 (which names a data directory, and is a container release when
-/// `in_container`) on trial after its snapshot.
-fn trial_v2_with_data(in_container: bool) -> State {
+/// `in_container`) installed in B, its data being snapshotted before the swap.
+fn snapshotting_v2(in_container: bool) -> State {
     let mut r2 = release(2, "2.0");
     r2.data_dirs = vec!["/var/lib/app".into()];
     if in_container {
         r2.container = Some(container("app:2.0"));
     }
     let s = check(
-        running_v1(),
-        vec![
-            (
-                desired(2, Some(&r2), 0),
-                UpdatePhase::Downloading,
-                &["Download"],
-            ),
-            (
-                Input::Downloaded {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Installing,
-                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
-            ),
-            (
-                Input::Installed {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Swapping,
-                &["E:Installed", "DiscardStaging", "Snapshot(/var/lib/app)"],
-            ),
-        ],
+        downloaded(running_v1(), desired(2, Some(&r2), 0), Slot::B),
+        vec![(
+            Input::Installed {
+                sequence: 2,
+                result: Ok(()),
+            },
+            UpdatePhase::Swapping,
+            &["E:Installed", "DiscardStaging", "Snapshot(/var/lib/app)"],
+        )],
     );
     assert!(matches!(
         s.phase,
@@ -835,8 +764,13 @@ fn trial_v2_with_data(in_container: bool) -> State {
         }
     ));
     assert_eq!(s.link_target(), Some(Slot::A), "nothing moved yet");
+    s
+}
+
+/// The same, on trial after its snapshot.
+fn trial_v2_with_data(in_container: bool) -> State {
     check(
-        s,
+        snapshotting_v2(in_container),
         vec![
             (
                 Input::Snapshotted {
@@ -860,18 +794,12 @@ fn data_is_snapshotted_before_the_swap_restored_before_the_previous_version_star
     // Commit: the snapshot is dropped.
     check(
         trial_v2_with_data(false),
-        vec![
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Trial,
-                &[],
-            ),
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Idle,
-                &["E:Committed", "DropSnapshots"],
-            ),
-        ],
+        good_probes(
+            2,
+            "2.0",
+            UpdatePhase::Idle,
+            &["E:Committed", "DropSnapshots"],
+        ),
     );
     // Rollback: stop the new version, restore, then swap back and start the previous one.
     let s = check(
@@ -951,45 +879,20 @@ fn data_is_snapshotted_before_the_swap_restored_before_the_previous_version_star
 
 #[test]
 fn a_snapshot_that_fails_ends_the_update_on_the_running_version() {
-    let mut r2 = release(2, "2.0");
-    r2.data_dirs = vec!["/var/lib/app".into()];
     let s = check(
-        running_v1(),
-        vec![
-            (
-                desired(2, Some(&r2), 0),
-                UpdatePhase::Downloading,
-                &["Download"],
-            ),
-            (
-                Input::Downloaded {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Installing,
-                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
-            ),
-            (
-                Input::Installed {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Swapping,
-                &["E:Installed", "DiscardStaging", "Snapshot(/var/lib/app)"],
-            ),
-            (
-                Input::Snapshotted {
-                    sequence: 2,
-                    result: Err("not enough free space".into()),
-                },
-                UpdatePhase::Idle,
-                &[
-                    "Start(slot-a)",
-                    "DropSnapshots",
-                    "E:Failed(cannot prepare the rollback (data snapshot, rollback image): not enough free space)",
-                ],
-            ),
-        ],
+        snapshotting_v2(false),
+        vec![(
+            Input::Snapshotted {
+                sequence: 2,
+                result: Err("not enough free space".into()),
+            },
+            UpdatePhase::Idle,
+            &[
+                "Start(slot-a)",
+                "DropSnapshots",
+                "E:Failed(cannot prepare the rollback (data snapshot, rollback image): not enough free space)",
+            ],
+        )],
     );
     assert_eq!(s.active, Some(Slot::A));
     assert_eq!(s.applied_sequence, 2);
@@ -1001,21 +904,8 @@ fn a_container_release_keeps_its_rollback_image_and_the_agent_config_adds_data_d
     let mut r2 = release(2, "2.0");
     r2.container = Some(container("app:2.0"));
     let s = check(
-        running_v1(),
+        downloaded(running_v1(), desired(2, Some(&r2), 0), Slot::B),
         vec![
-            (
-                desired(2, Some(&r2), 0),
-                UpdatePhase::Downloading,
-                &["Download"],
-            ),
-            (
-                Input::Downloaded {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Installing,
-                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
-            ),
             (
                 Input::Installed {
                     sequence: 2,
@@ -1068,34 +958,7 @@ fn a_container_release_keeps_its_rollback_image_and_the_agent_config_adds_data_d
 #[test]
 fn snapshot_and_restore_resolve_on_restart() {
     // Snapshotting: taken again whole (nothing has moved), then the swap.
-    let mut r2 = release(2, "2.0");
-    r2.data_dirs = vec!["/var/lib/app".into()];
-    let snapshotting = check(
-        running_v1(),
-        vec![
-            (
-                desired(2, Some(&r2), 0),
-                UpdatePhase::Downloading,
-                &["Download"],
-            ),
-            (
-                Input::Downloaded {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Installing,
-                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
-            ),
-            (
-                Input::Installed {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Swapping,
-                &["E:Installed", "DiscardStaging", "Snapshot(/var/lib/app)"],
-            ),
-        ],
-    );
+    let snapshotting = snapshotting_v2(false);
     for (link, want) in [
         (Some(Slot::A), &["Snapshot(/var/lib/app)"][..]),
         (None, &["Swap(slot-a)", "Snapshot(/var/lib/app)"][..]),
@@ -1368,7 +1231,7 @@ mod properties {
             } => {
                 *next_seq += 1;
                 let r = pool(*release);
-                desired_input(*next_seq, (!none).then_some(&r), *retry, *hold)
+                desired_with(*next_seq, (!none).then_some(&r), *retry, *hold)
             }
             Op::DownloadOk => Input::Downloaded {
                 sequence: seq,
@@ -1445,19 +1308,6 @@ mod properties {
                 *now = now.saturating_add(Duration::from_secs(120));
                 probe(seq, sample(&version, AppStatus::Degraded))
             }
-        }
-    }
-
-    fn desired_input(sequence: u64, r: Option<&Release>, retry: u32, hold: bool) -> Input {
-        match desired(sequence, r, retry) {
-            Input::Desired {
-                mut desired,
-                disk_free,
-            } => {
-                desired.hold = hold;
-                Input::Desired { desired, disk_free }
-            }
-            other => other,
         }
     }
 
@@ -1592,39 +1442,32 @@ fn switched(sequence: u64, result: Result<(), &str>) -> Input {
     }
 }
 
-/// v1 committed in A; blue-green v2 installed in B and warming up beside it.
-fn warming_v2() -> State {
-    let r2 = blue_green(2, "2.0");
+/// The job in flight: its sequence and its release's version.
+fn job_now(s: &State) -> (u64, String) {
+    let job = s.phase.job().expect("an update in flight");
+    (job.sequence, job.release.version.clone())
+}
+
+/// v1 committed in A; the blue-green release of `desired` installed in B and warming up
+/// beside it.
+#[track_caller]
+fn warming(desired: Input) -> State {
+    let (sequence, _) = job_of(&desired);
     let s = check(
-        running_v1(),
-        vec![
-            (
-                desired(2, Some(&r2), 0),
-                UpdatePhase::Downloading,
-                &["Download"],
-            ),
-            (
-                Input::Downloaded {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Installing,
-                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
-            ),
-            (
-                Input::Installed {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Trial,
-                &[
-                    "E:Installed",
-                    "DiscardStaging",
-                    "StartBeside(slot-b)",
-                    "E:TrialStarted",
-                ],
-            ),
-        ],
+        downloaded(running_v1(), desired, Slot::B),
+        vec![(
+            Input::Installed {
+                sequence,
+                result: Ok(()),
+            },
+            UpdatePhase::Trial,
+            &[
+                "E:Installed",
+                "DiscardStaging",
+                "StartBeside(slot-b)",
+                "E:TrialStarted",
+            ],
+        )],
     );
     // The old version keeps the link, the traffic and the report's "active".
     assert_eq!(s.link_target(), Some(Slot::A));
@@ -1632,49 +1475,61 @@ fn warming_v2() -> State {
     s
 }
 
-/// The traffic moved to v2 (B); v1 still warm in A.
-fn proving_v2() -> State {
+/// v1 committed in A; blue-green v2 installed in B and warming up beside it.
+fn warming_v2() -> State {
+    warming(desired(2, Some(&blue_green(2, "2.0")), 0))
+}
+
+/// The release warming up in B answered healthy twice: the traffic is being switched to it.
+#[track_caller]
+fn switching(warming: State) -> State {
+    let (sequence, version) = job_now(&warming);
     let s = check(
-        warming_v2(),
-        vec![
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Trial,
-                &[],
-            ),
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Swapping,
-                &["Traffic(slot-b)"],
-            ),
-            (
-                switched(2, Ok(())),
-                UpdatePhase::Trial,
-                &["E:Swapped", "Swap(slot-b)"],
-            ),
-        ],
+        warming,
+        good_probes(
+            sequence,
+            &version,
+            UpdatePhase::Swapping,
+            &["Traffic(slot-b)"],
+        ),
+    );
+    assert!(matches!(s.phase, Phase::Switching { .. }));
+    s
+}
+
+/// The traffic moved to the release that warmed up in B, which proves itself under it; the
+/// previous version still runs in A.
+#[track_caller]
+fn under_traffic(warming: State) -> State {
+    let (sequence, _) = job_now(&warming);
+    let s = check(
+        switching(warming),
+        vec![(
+            switched(sequence, Ok(())),
+            UpdatePhase::Trial,
+            &["E:Swapped", "Swap(slot-b)"],
+        )],
     );
     assert!(matches!(s.phase, Phase::Proving { .. }));
     assert_eq!(s.link_target(), Some(Slot::B));
     s
 }
 
+/// The traffic moved to v2 (B); v1 still warm in A.
+fn proving_v2() -> State {
+    under_traffic(warming_v2())
+}
+
 #[test]
 fn blue_green_switches_after_warming_up_and_stops_the_old_one_at_the_commit() {
     let s = check(
         proving_v2(),
-        vec![
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Trial,
-                &[],
-            ),
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Idle,
-                &["Promote(slot-b)", "E:Committed"],
-            ),
-        ],
+        good_probes(
+            2,
+            "2.0",
+            UpdatePhase::Idle,
+            &["Promote(slot-b)", "E:Committed"],
+        ),
     );
     assert_eq!(s.active, Some(Slot::B));
     assert_eq!(s.applied_sequence, 2);
@@ -1727,18 +1582,8 @@ fn blue_green_rollbacks_never_restart_the_old_version() {
     assert_eq!(s.active, Some(Slot::A));
     // A failed switch is a rollback too (the switch is redone towards the old version); a
     // failed switch back is reported with it.
-    let mut to_proving = warming_v2();
-    for _ in 0..2 {
-        to_proving = step(
-            &ctx(),
-            to_proving,
-            probe(2, sample("2.0", AppStatus::Healthy)),
-            NOW,
-        )
-        .0;
-    }
     let s = check(
-        to_proving,
+        switching(warming_v2()),
         vec![
             (
                 switched(2, Err("exit 1")),
@@ -1788,32 +1633,13 @@ fn blue_green_is_refused_where_it_cannot_run() {
             .any(|n| n.starts_with("E:Refused(blue-green runs")),
         "{actions:?}"
     );
-    // A first install has nothing to keep warm: the ordinary swap.
-    let (s, _) = step(
-        &ctx(),
+    // A first install has nothing to keep warm: the ordinary swap and trial.
+    let s = to_trial(
         State::fresh(),
         desired(1, Some(&blue_green(1, "1.0")), 0),
-        NOW,
+        Slot::A,
     );
-    let (s, _) = step(
-        &ctx(),
-        s,
-        Input::Downloaded {
-            sequence: 1,
-            result: Ok(()),
-        },
-        NOW,
-    );
-    let (s, _) = step(
-        &ctx(),
-        s,
-        Input::Installed {
-            sequence: 1,
-            result: Ok(()),
-        },
-        NOW,
-    );
-    assert!(matches!(s.phase, Phase::Swapping { .. }), "{:?}", s.phase);
+    assert!(matches!(s.phase, Phase::Trial { .. }), "{:?}", s.phase);
 }
 
 #[test]
@@ -1859,19 +1685,8 @@ fn blue_green_resolves_on_restart() {
         )],
     );
     // Switching (the switch may or may not have happened): the same.
-    let mut switching = warming_v2();
-    for _ in 0..2 {
-        switching = step(
-            &ctx(),
-            switching,
-            probe(2, sample("2.0", AppStatus::Healthy)),
-            NOW,
-        )
-        .0;
-    }
-    assert!(matches!(switching.phase, Phase::Switching { .. }));
     check(
-        switching,
+        switching(warming_v2()),
         vec![(
             boot(Slot::A),
             UpdatePhase::Trial,

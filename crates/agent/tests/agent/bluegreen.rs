@@ -566,12 +566,7 @@ fn blue_green_hold_keeps_the_old_instance_warm_and_a_rollback_switches_back_to_i
         Some(Ok("1.0.0-bghold"))
     );
     // Nothing downloaded, installed or started: verified, switched, committed.
-    let steps: Vec<String> = obs
-        .events()
-        .iter()
-        .filter(|e| e.sequence == 3)
-        .map(|e| kind_name(&e.kind))
-        .collect();
+    let steps = obs.kinds_at(3);
     let mut unique = steps.clone();
     unique.dedup();
     assert_eq!(unique, ["Verified", "Swapped", "Committed"], "{steps:?}");

@@ -56,6 +56,14 @@ fn needs_bad_release(point: &str) -> bool {
     )
 }
 
+/// The versions a matrix installs, by their version string.
+fn by_version(versions: impl IntoIterator<Item = Version>) -> BTreeMap<String, Version> {
+    versions
+        .into_iter()
+        .map(|v| (v.version.clone(), v))
+        .collect()
+}
+
 fn data_dir(dev: &Device) -> std::path::PathBuf {
     dev.dir.path().join("data")
 }
@@ -265,11 +273,7 @@ fn kill_at_every_fault_point_then_restart() {
     let fx = Fixture {
         good: matrix_release(base.dir.path(), 2, &v2),
         bad: matrix_release(base.dir.path(), 3, &v2bad),
-        versions: BTreeMap::from([
-            ("1.0.0".to_string(), v1),
-            ("2.0.0".to_string(), v2),
-            ("2.0.1".to_string(), v2bad),
-        ]),
+        versions: by_version([v1, v2, v2bad]),
         base,
     };
     run_matrix(POINTS, |p| p.to_string(), |p, run| one_run(&fx, p, run));
@@ -430,15 +434,7 @@ impl Decision {
                 slot: Slot::A,
                 outcome_sequence: 3,
                 highest_counter: 3,
-                events: &[
-                    "DownloadStarted",
-                    "DownloadFinished",
-                    "Verified",
-                    "Installed",
-                    "Swapped",
-                    "TrialStarted",
-                    "Committed",
-                ],
+                events: ORDINARY_UPDATE_EVENTS,
             },
         }
     }
@@ -628,11 +624,7 @@ fn kill_during_a_blue_green_hold_then_restart() {
         v1: s1,
         v2: SignedRelease::sign(&r2, &key()),
         v3: matrix_release(base.dir.path(), 3, &v3),
-        versions: BTreeMap::from([
-            ("1.0.0".to_string(), v1),
-            ("2.0.0".to_string(), v2),
-            ("3.0.0".to_string(), v3),
-        ]),
+        versions: by_version([v1, v2, v3]),
         base,
     };
     run_matrix(

@@ -264,6 +264,15 @@ impl Observer {
         self.seen.lock().unwrap().events.clone()
     }
 
+    /// The kinds of the events of desired `sequence` by name, as they arrived.
+    pub fn kinds_at(&self, sequence: u64) -> Vec<String> {
+        self.events()
+            .iter()
+            .filter(|e| e.sequence == sequence)
+            .map(|e| kind_name(&e.kind))
+            .collect()
+    }
+
     /// Event kinds by name, in seq order, duplicates (at-least-once) removed.
     pub fn event_names(&self) -> Vec<String> {
         let mut by_seq = BTreeMap::new();
@@ -291,6 +300,18 @@ fn rand_suffix() -> u64 {
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::SeqCst) + u64::from(std::process::id()) * 1000
 }
+
+/// The kinds of event an update on the ordinary path emits, in order (download, install, swap,
+/// trial, commit).
+pub const ORDINARY_UPDATE_EVENTS: &[&str] = &[
+    "DownloadStarted",
+    "DownloadFinished",
+    "Verified",
+    "Installed",
+    "Swapped",
+    "TrialStarted",
+    "Committed",
+];
 
 pub fn kind_name(k: &EventKind) -> String {
     let dbg = format!("{k:?}");

@@ -39,22 +39,12 @@ fn good_release_commits_and_serves() {
     let active = std::fs::read_link(dev.root().join("active")).unwrap();
     assert!(dev.root().join(&active).join("engine.plan").exists());
     let names: Vec<String> = obs
-        .events()
-        .iter()
-        .filter(|e| e.sequence == 2)
-        .map(|e| kind_name(&e.kind))
+        .kinds_at(2)
+        .into_iter()
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    for step in [
-        "DownloadStarted",
-        "DownloadFinished",
-        "Verified",
-        "Installed",
-        "Swapped",
-        "TrialStarted",
-        "Committed",
-    ] {
+    for step in ORDINARY_UPDATE_EVENTS {
         assert!(
             names.contains(&step.to_string()),
             "no {step} event in {names:?}"
@@ -305,12 +295,7 @@ fn coordinator_rollback_swaps_back_to_the_standby_without_downloading() {
         e.sequence == 3 && matches!(e.kind, EventKind::Committed { .. })
     });
     dev.wait_serving("1.0.0");
-    let steps: Vec<String> = obs
-        .events()
-        .iter()
-        .filter(|e| e.sequence == 3)
-        .map(|e| kind_name(&e.kind))
-        .collect();
+    let steps = obs.kinds_at(3);
     assert!(
         !steps
             .iter()

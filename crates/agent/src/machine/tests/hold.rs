@@ -5,16 +5,11 @@
 use super::*;
 
 fn desired_hold(sequence: u64, r: Option<&Release>, hold: bool) -> Input {
-    let Input::Desired {
-        mut desired,
-        disk_free,
-    } = desired(sequence, r, 0)
-    else {
-        unreachable!("desired() builds Input::Desired")
-    };
-    desired.hold = hold;
-    Input::Desired { desired, disk_free }
+    desired_with(sequence, r, 0, hold)
 }
+
+/// What a device refuses when asked for 1.0 after 2.0 without a signed rollback, warm or not.
+const REFUSED_DOWNGRADE: &str = "E:Refused(release counter 1 is below the highest accepted 2 and no signed rollback allows it (replayed or downgraded release))";
 
 /// Blue-green 2.0, which authorises a rollback to 1.0 (what a coordinator's rollback needs
 /// to get past the counter).
@@ -31,68 +26,31 @@ fn bg_v2() -> Release {
 /// traffic, with the desired state's `hold`.
 fn proving(r2: &Release, hold: bool) -> State {
     check(
-        running_v1(),
-        vec![
-            (
-                desired_hold(2, Some(r2), hold),
-                UpdatePhase::Downloading,
-                &["Download"],
-            ),
-            (
-                Input::Downloaded {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Installing,
-                &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
-            ),
-            (
-                Input::Installed {
-                    sequence: 2,
-                    result: Ok(()),
-                },
-                UpdatePhase::Trial,
-                &[
-                    "E:Installed",
-                    "DiscardStaging",
-                    "StartBeside(slot-b)",
-                    "E:TrialStarted",
-                ],
-            ),
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Trial,
-                &[],
-            ),
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Swapping,
-                &["Traffic(slot-b)"],
-            ),
-            (
-                switched(2, Ok(())),
-                UpdatePhase::Trial,
-                &["E:Swapped", "Swap(slot-b)"],
-            ),
-            (
-                probe(2, sample("2.0", AppStatus::Healthy)),
-                UpdatePhase::Trial,
-                &[],
-            ),
-        ],
+        under_traffic(warming(desired_hold(2, Some(r2), hold))),
+        vec![(
+            probe(2, sample("2.0", AppStatus::Healthy)),
+            UpdatePhase::Trial,
+            &[],
+        )],
+    )
+}
+
+/// The last good probe under traffic: the commit of 2.0, with the actions `want`.
+#[track_caller]
+fn commit(proving: State, want: &[&str]) -> State {
+    check(
+        proving,
+        vec![(
+            probe(2, sample("2.0", AppStatus::Healthy)),
+            UpdatePhase::Idle,
+            want,
+        )],
     )
 }
 
 /// 2.0 committed in B with `hold`: 1.0 still runs warm in A.
 fn held() -> State {
-    let s = check(
-        proving(&bg_v2(), true),
-        vec![(
-            probe(2, sample("2.0", AppStatus::Healthy)),
-            UpdatePhase::Idle,
-            &["E:Committed"],
-        )],
-    );
+    let s = commit(proving(&bg_v2(), true), &["E:Committed"]);
     assert_eq!(s.warm, Some(Slot::A));
     s
 }
@@ -124,13 +82,9 @@ fn a_commit_with_hold_keeps_the_previous_version_warm_instead_of_promoting() {
 #[test]
 fn without_hold_the_commit_promotes_as_before() {
     // What an older coordinator sends (hold reads as false): the old instance stops at once.
-    let s = check(
+    let s = commit(
         proving(&bg_v2(), false),
-        vec![(
-            probe(2, sample("2.0", AppStatus::Healthy)),
-            UpdatePhase::Idle,
-            &["Promote(slot-b)", "E:Committed"],
-        )],
+        &["Promote(slot-b)", "E:Committed"],
     );
     assert_eq!(s.warm, None);
     assert_eq!(s.active, Some(Slot::B));
@@ -315,39 +269,27 @@ fn the_return_is_admitted_like_any_release_and_a_refused_one_stops_the_warm_vers
     // Without a signed rollback from 2.0, going back to 1.0 is a downgrade, warm or not: the
     // same refusal as on the ordinary path.
     let plain_v2 = blue_green(2, "2.0");
-    let refused_counter = "E:Refused(release counter 1 is below the highest accepted 2 and no signed rollback allows it (replayed or downgraded release))";
-    let warm = check(
-        proving(&plain_v2, true),
-        vec![(
-            probe(2, sample("2.0", AppStatus::Healthy)),
-            UpdatePhase::Idle,
-            &["E:Committed"],
-        )],
-    );
+    let warm = commit(proving(&plain_v2, true), &["E:Committed"]);
     assert_eq!(warm.warm, Some(Slot::A));
     let s = check(
         warm,
         vec![(
             desired(3, Some(&release(1, "1.0")), 0),
             UpdatePhase::Idle,
-            &["Promote(slot-b)", refused_counter],
+            &["Promote(slot-b)", REFUSED_DOWNGRADE],
         )],
     );
     assert_eq!((s.active, s.warm), (Some(Slot::B), None));
-    let ordinary = check(
+    let ordinary = commit(
         proving(&plain_v2, false),
-        vec![(
-            probe(2, sample("2.0", AppStatus::Healthy)),
-            UpdatePhase::Idle,
-            &["Promote(slot-b)", "E:Committed"],
-        )],
+        &["Promote(slot-b)", "E:Committed"],
     );
     check(
         ordinary,
         vec![(
             desired(3, Some(&release(1, "1.0")), 0),
             UpdatePhase::Idle,
-            &[refused_counter],
+            &[REFUSED_DOWNGRADE],
         )],
     );
 
@@ -455,102 +397,30 @@ fn a_restart_while_returning_starts_the_release_the_coordinator_asked_for() {
 #[test]
 fn hold_changes_nothing_for_a_release_that_is_not_blue_green() {
     let run = |hold: bool| {
-        let r2 = release(2, "2.0");
+        let committed = check(
+            to_trial(
+                running_v1(),
+                desired_hold(2, Some(&release(2, "2.0")), hold),
+                Slot::B,
+            ),
+            good_probes(2, "2.0", UpdatePhase::Idle, &["E:Committed"]),
+        );
+        // And the previous release afterwards: a downgrade without a signed rollback, refused
+        // as without hold (not a switch).
         check(
-            running_v1(),
-            vec![
-                (
-                    desired_hold(2, Some(&r2), hold),
-                    UpdatePhase::Downloading,
-                    &["Download"],
-                ),
-                (
-                    Input::Downloaded {
-                        sequence: 2,
-                        result: Ok(()),
-                    },
-                    UpdatePhase::Installing,
-                    &["E:DownloadFinished", "E:Verified", "Install(slot-b)"],
-                ),
-                (
-                    Input::Installed {
-                        sequence: 2,
-                        result: Ok(()),
-                    },
-                    UpdatePhase::Swapping,
-                    &["E:Installed", "DiscardStaging", "Swap(slot-b)"],
-                ),
-                (
-                    Input::Swapped { sequence: 2 },
-                    UpdatePhase::Trial,
-                    &["E:Swapped", "Start(slot-b)", "E:TrialStarted"],
-                ),
-                (
-                    probe(2, sample("2.0", AppStatus::Healthy)),
-                    UpdatePhase::Trial,
-                    &[],
-                ),
-                (
-                    probe(2, sample("2.0", AppStatus::Healthy)),
-                    UpdatePhase::Idle,
-                    &["E:Committed"],
-                ),
-                // And the previous release afterwards: the ordinary swap, not a switch.
-                (
-                    desired_hold(3, Some(&release(1, "1.0")), hold),
-                    UpdatePhase::Idle,
-                    &[
-                        "E:Refused(release counter 1 is below the highest accepted 2 and no signed rollback allows it (replayed or downgraded release))",
-                    ],
-                ),
-            ],
+            committed,
+            vec![(
+                desired_hold(3, Some(&release(1, "1.0")), hold),
+                UpdatePhase::Idle,
+                &[REFUSED_DOWNGRADE],
+            )],
         )
     };
     let (with, without) = (run(true), run(false));
     assert_eq!(with, without);
     assert_eq!(with.warm, None);
     // A blue-green first install (nothing to keep warm) takes the ordinary swap: no warm.
-    let s = check(
-        State::fresh(),
-        vec![
-            (
-                desired_hold(1, Some(&blue_green(1, "1.0")), true),
-                UpdatePhase::Downloading,
-                &["Download"],
-            ),
-            (
-                Input::Downloaded {
-                    sequence: 1,
-                    result: Ok(()),
-                },
-                UpdatePhase::Installing,
-                &["E:DownloadFinished", "E:Verified", "Install(slot-a)"],
-            ),
-            (
-                Input::Installed {
-                    sequence: 1,
-                    result: Ok(()),
-                },
-                UpdatePhase::Swapping,
-                &["E:Installed", "DiscardStaging", "Swap(slot-a)"],
-            ),
-            (
-                Input::Swapped { sequence: 1 },
-                UpdatePhase::Trial,
-                &["E:Swapped", "Start(slot-a)", "E:TrialStarted"],
-            ),
-            (
-                probe(1, sample("1.0", AppStatus::Healthy)),
-                UpdatePhase::Trial,
-                &[],
-            ),
-            (
-                probe(1, sample("1.0", AppStatus::Healthy)),
-                UpdatePhase::Idle,
-                &["E:Committed"],
-            ),
-        ],
-    );
+    let s = first_install(desired_hold(1, Some(&blue_green(1, "1.0")), true));
     assert_eq!((s.active, s.warm), (Some(Slot::A), None));
 }
 
@@ -572,12 +442,5 @@ fn a_journal_written_before_hold_still_loads() {
     assert_eq!(old.warm, None);
     assert_eq!(old.phase.job().map(|j| j.hold), Some(false));
     // Such a journal commits as before: the old instance stops.
-    check(
-        old,
-        vec![(
-            probe(2, sample("2.0", AppStatus::Healthy)),
-            UpdatePhase::Idle,
-            &["Promote(slot-b)", "E:Committed"],
-        )],
-    );
+    commit(old, &["Promote(slot-b)", "E:Committed"]);
 }
