@@ -125,6 +125,8 @@ struct Driver {
     /// a heartbeat reports the difference, the evidence behind its error rate.
     app_requests: Option<u64>,
     reported_requests: Option<u64>,
+    app_failed: Option<u64>,
+    reported_failed: Option<u64>,
     /// Frames on the desired topic that did not decode.
     decode_errors: u64,
     notifier: Option<Notifier>,
@@ -316,9 +318,12 @@ impl Driver {
                 restarts_total: 0,
                 probe_ok: None,
                 requests: None,
+                failed: None,
             },
             app_requests: None,
             reported_requests: None,
+            app_failed: None,
+            reported_failed: None,
             decode_errors: 0,
             notifier: options.notifier,
             booting: false,
@@ -1138,6 +1143,7 @@ impl Driver {
             let reading = health::probe_health(&endpoint, timeout).await;
             if serving {
                 self.app_requests = reading.requests_total.or(self.app_requests);
+                self.app_failed = reading.failed_total.or(self.app_failed);
             }
             (Some(reading.answer), reading.error_rate, reading.p95_ms)
         } else {
@@ -1183,6 +1189,7 @@ impl Driver {
             restarts_total: st.restarts_total,
             probe_ok: probe.as_ref().map(|r| r.is_ok()),
             requests: None,
+            failed: None,
         };
         sample
     }
@@ -1244,10 +1251,15 @@ impl Driver {
             system,
             app: AppHealth {
                 requests: health::requests_since(self.reported_requests, self.app_requests),
+                failed: health::failed_since(
+                    (self.reported_requests, self.reported_failed),
+                    (self.app_requests, self.app_failed),
+                ),
                 ..self.last_app.clone()
             },
         };
         self.reported_requests = self.app_requests;
+        self.reported_failed = self.app_failed;
         self.link.publish_qos0(
             Topic::Heartbeat(self.ctx.device.clone()).to_string(),
             encode(&hb),

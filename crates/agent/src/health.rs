@@ -97,6 +97,8 @@ pub struct Reading {
     pub p95_ms: Option<f32>,
     /// The app's own count of requests handled since it started.
     pub requests_total: Option<u64>,
+    /// The app's own count of those that failed.
+    pub failed_total: Option<u64>,
 }
 
 impl Reading {
@@ -106,6 +108,7 @@ impl Reading {
             error_rate: None,
             p95_ms: None,
             requests_total: None,
+            failed_total: None,
         }
     }
 }
@@ -145,6 +148,7 @@ pub fn parse_health(body: &[u8]) -> Reading {
             .map(|v| v as f32),
         p95_ms: metric("p95_ms").and_then(|v| v.as_f64()).map(|v| v as f32),
         requests_total: metric("requests").and_then(|v| v.as_u64()),
+        failed_total: metric("failed").and_then(|v| v.as_u64()),
     }
 }
 
@@ -155,6 +159,22 @@ pub fn requests_since(previous: Option<u64>, now: Option<u64>) -> Option<u64> {
         (Some(before), Some(now)) if now >= before => Some(now - before),
         (_, now) => now,
     }
+}
+
+/// Failed requests between two readings of the app's (requests, failed) counters, paired with
+/// [`requests_since`]: either counter going down means the app restarted, and everything it
+/// counted since is new. `None` when the app does not count failures.
+pub fn failed_since(
+    previous: (Option<u64>, Option<u64>),
+    now: (Option<u64>, Option<u64>),
+) -> Option<u64> {
+    let (Some(r1), Some(f1)) = now else {
+        return None;
+    };
+    Some(match previous {
+        (Some(r0), Some(f0)) if r1 >= r0 && f1 >= f0 => f1 - f0,
+        _ => f1,
+    })
 }
 
 /// Runs the functional probe: the output's sha256 must match and it must come within the
@@ -323,8 +343,27 @@ mod tests {
     }
 
     #[test]
+    fn failures_between_readings_pair_with_the_requests() {
+        assert_eq!(
+            failed_since((Some(100), Some(3)), (Some(160), Some(5))),
+            Some(2)
+        );
+        assert_eq!(failed_since((None, None), (Some(40), Some(1))), Some(1));
+        assert_eq!(
+            failed_since((Some(500), Some(20)), (Some(30), Some(2))),
+            Some(2),
+            "the app restarted: its counters start again"
+        );
+        assert_eq!(
+            failed_since((Some(100), Some(3)), (Some(160), None)),
+            None,
+            "an app that does not count failures"
+        );
+    }
+
+    #[test]
     fn parses_the_health_document() {
-        let body = br#"{"status":"degraded","version":"1.2.3","checks":{},"metrics":{"error_rate":0.1000,"p95_ms":2.500,"requests":100}}"#;
+        let body = br#"{"status":"degraded","version":"1.2.3","checks":{},"metrics":{"error_rate":0.1000,"p95_ms":2.500,"requests":100,"failed":4}}"#;
         assert_eq!(
             parse_health(body),
             Reading {
@@ -335,6 +374,7 @@ mod tests {
                 error_rate: Some(0.1),
                 p95_ms: Some(2.5),
                 requests_total: Some(100),
+                failed_total: Some(4),
             }
         );
         assert_eq!(parse_health(b"OK").answer, HealthAnswer::NoAnswer);

@@ -23,6 +23,8 @@ pub struct Sample {
     /// Requests behind `error_rate`, when the device reports them.
     #[serde(default)]
     pub requests: Option<u64>,
+    #[serde(default)]
+    pub failed: Option<u64>,
 }
 
 impl Sample {
@@ -45,6 +47,7 @@ impl Sample {
             restarts_in_window: hb.app.restarts_in_window,
             probe_ok: hb.app.probe_ok,
             requests: hb.app.requests,
+            failed: hb.app.failed,
         }
     }
 
@@ -95,7 +98,11 @@ impl Agg {
             let w = s.weight(cap);
             self.n_err += 1;
             self.w_err += w;
-            self.sum_err_w += e * w;
+            let ei = match (s.requests, s.failed) {
+                (Some(r), Some(f)) if r > 0 => (f as f64 / r as f64).clamp(0.0, 1.0),
+                _ => e,
+            };
+            self.sum_err_w += ei * w;
             self.ewma_err = Some(match self.ewma_err {
                 None => e,
                 Some(prev) => prev + alpha * (e - prev),
@@ -172,6 +179,7 @@ mod tests {
             restarts_in_window: 0,
             probe_ok: None,
             requests: None,
+            failed: None,
         }
     }
 
@@ -198,6 +206,45 @@ mod tests {
         assert_eq!(a.n_err, 2);
         assert_eq!(a.w_err, 101.0);
         assert!((a.error_rate().unwrap() - 50.0 / 101.0).abs() < 1e-12);
+    }
+
+    /// Heartbeats every 0.5 s from a device whose app started with the arm: 5 frames per
+    /// interval, frames 67, 98 and 107 fail (demo-app seed 1 at --error-rate 0.03), and the
+    /// app's 30 s window, younger than its process, is the rate since start.
+    fn demo_arm_heartbeats(with_failed: bool) -> Vec<Sample> {
+        let failing = [67u64, 98, 107];
+        (1..=23u64)
+            .map(|i| {
+                let (done, before) = (i * 5, (i - 1) * 5);
+                let failed_total = failing.iter().filter(|&&f| f < done).count() as u64;
+                let failed_before = failing.iter().filter(|&&f| f < before).count() as u64;
+                let mut s = sample(failed_total as f64 / done as f64, 2.0);
+                s.requests = Some(5);
+                s.failed = with_failed.then_some(failed_total - failed_before);
+                s
+            })
+            .collect()
+    }
+
+    #[test]
+    fn failed_counts_make_the_error_rate_that_of_the_requests() {
+        let rate = |with_failed| {
+            let mut a = Agg::default();
+            for s in demo_arm_heartbeats(with_failed) {
+                a.add(&s, 0.2, 100.0);
+            }
+            (a.error_rate().unwrap(), a.w_err)
+        };
+        assert_eq!(
+            rate(true),
+            (3.0 / 115.0, 115.0),
+            "3 of the 115 frames failed"
+        );
+        let (diluted, _) = rate(false);
+        assert!(
+            diluted < 0.01,
+            "window rates weighed by interval requests: {diluted}"
+        );
     }
 
     #[test]

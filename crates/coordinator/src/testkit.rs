@@ -156,6 +156,7 @@ pub fn healthy(version: &str, error_rate: f64) -> Sample {
         // Virtual devices report no request counts: each sample is one observation, the
         // most conservative weighting.
         requests: None,
+        failed: None,
     }
 }
 

@@ -638,6 +638,7 @@ async fn malformed_frames_are_counted_and_dropped() {
             restarts_total: 0,
             probe_ok: None,
             requests: None,
+            failed: None,
         },
     };
     op.publish("fleet/v1/devices/x1/heartbeat", fleet_proto::encode(&hb))

@@ -219,8 +219,18 @@ pub struct AppHealth {
     /// Result of the latest functional probe, if one is configured.
     pub probe_ok: Option<bool>,
     /// Requests the app handled since the previous heartbeat, by its own counter: how much
-    /// evidence `error_rate` carries. `None` when the app does not count them.
+    /// evidence this heartbeat carries. `None` when the app does not count them.
     pub requests: Option<u64>,
+    // Appended by issue 9's A/B work: an older agent's heartbeat ends before it (`AppHealth`
+    // is the last field of `Heartbeat` and in no other message, so this ends the frame).
+    /// How many of those `requests` failed, by the app's own counter: with `requests`, the
+    /// error rate of exactly the requests since the previous heartbeat. `error_rate` is the
+    /// app's sliding window, which repeats a failure in every heartbeat while it stays in the
+    /// window (and, for an app younger than its window, weighs early requests over late ones);
+    /// averaging it over heartbeats diluted a short A/B observation's 2.6 % to 0.7 %. `None`
+    /// when the app does not count them: the coordinator then uses `error_rate`.
+    #[serde(default, deserialize_with = "crate::frame::appended")]
+    pub failed: Option<u64>,
 }
 
 /// `devices/{id}/heartbeat`: liveness and health, every report interval.

@@ -113,8 +113,9 @@ impl fmt::Display for Kind {
 ///
 /// Design: postcard cannot tell "the frame ended" from "the bytes are not a `T`", so both read as
 /// the default. An appended field must therefore be one whose default is the safe reading (the
-/// behaviour before the field existed), and only the last fields of a top-level message may use
-/// this: inside a nested struct it would swallow the next field's bytes.
+/// behaviour before the field existed), and only fields that end an older writer's frame may use
+/// this: the last fields of a top-level message, or of a struct that is its last field and in
+/// no other message (`Heartbeat.app`). Anywhere else it would swallow the next field's bytes.
 pub fn appended<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,

@@ -40,6 +40,7 @@ fn heartbeat() -> Heartbeat {
             restarts_total: 1,
             probe_ok: Some(true),
             requests: Some(200),
+            failed: Some(6),
         },
     }
 }
@@ -257,7 +258,7 @@ fn every_truncation_of_every_frame_is_refused_as_truncated() {
             );
         }
     }
-    all_prefixes(&heartbeat(), 0);
+    all_prefixes(&heartbeat(), 2);
     all_prefixes(&desired(), 1);
     // `blue_green`: the variant's index, the string's length and its 17 bytes.
     all_prefixes(&reported(), 1 + 1 + "no traffic switch".len());
@@ -318,7 +319,13 @@ fn a_newer_reader_reads_an_older_writers_frame_without_the_appended_fields() {
             ..desired()
         }
     );
-    // And a journal written before it (JSON, no `hold` key) reads the same way.
+    // An agent from before `AppHealth.failed` ends its heartbeat after `requests` (today's
+    // frame minus `Some(6)`, two bytes): no count, and the coordinator uses the window rate.
+    let frame = encode(&heartbeat());
+    let older = decode::<Heartbeat>(&frame[..frame.len() - 2]).unwrap();
+    assert_eq!(older.app.failed, None);
+    assert_eq!(older.app.requests, Some(200));
+    // And a journal written before `hold` (JSON, no `hold` key) reads the same way.
     let mut json = serde_json::to_value(desired()).unwrap();
     json.as_object_mut().unwrap().remove("hold");
     let from_json: Desired = serde_json::from_value(json).unwrap();

@@ -232,9 +232,10 @@ fn heartbeat() -> impl Strategy<Value = Heartbeat> {
         any::<u32>(),
         proptest::option::of(any::<bool>()),
         proptest::option::of(any::<u64>()),
+        proptest::option::of(any::<u64>()),
     )
         .prop_map(
-            |(status, version, error_rate, p95_ms, w, t, probe_ok, requests)| AppHealth {
+            |(status, version, error_rate, p95_ms, w, t, probe_ok, requests, failed)| AppHealth {
                 status,
                 version,
                 error_rate,
@@ -243,6 +244,7 @@ fn heartbeat() -> impl Strategy<Value = Heartbeat> {
                 restarts_total: t,
                 probe_ok,
                 requests,
+                failed,
             },
         );
     (

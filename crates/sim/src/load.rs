@@ -178,6 +178,7 @@ impl Device {
                 restarts_total: 0,
                 probe_ok: None,
                 requests: self.active.as_ref().map(|_| 50),
+                failed: None,
             },
         };
         (hb, bad)

@@ -209,7 +209,7 @@ pub fn spawn_device(
                         active_version: version.clone(),
                         rollout: None,
                         system: SystemHealth { cpu_pct: 10.0, memory_used_bytes: 1 << 30, memory_total_bytes: 4 << 30, disk_free_bytes: 16 << 30, disk_total_bytes: 32 << 30, temperature_c: None },
-                        app: AppHealth { status: AppStatus::Healthy, version, error_rate: Some(if bad { behaviour.error_rate_when_bad } else { 0.0 }), p95_ms: Some(50.0), restarts_in_window: 0, restarts_total: 0, probe_ok: Some(true), requests: Some(100) },
+                        app: AppHealth { status: AppStatus::Healthy, version, error_rate: Some(if bad { behaviour.error_rate_when_bad } else { 0.0 }), p95_ms: Some(50.0), restarts_in_window: 0, restarts_total: 0, probe_ok: Some(true), requests: Some(100), failed: None },
                     };
                     let _ = client.try_publish(Topic::Heartbeat(st.id.clone()).to_string(), QoS::AtMostOnce, false, encode(&hb));
                 }
