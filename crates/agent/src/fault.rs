@@ -39,8 +39,9 @@ pub const IDLE_POINTS: &[&str] = &["heartbeat"];
 /// journal says so); the commit (or the end of a hold) about to stop the old one, its
 /// connections drained; a switch back about to happen (after a failed trial, or to the version
 /// a hold kept warm); the traffic switched back (before the journal says so, the `active` link
-/// not moved yet); the new version's instance about to stop after a switch back, its
-/// connections drained (the journal already says how the update ended).
+/// not moved yet); the new version's instance about to stop after a switch back (its
+/// connections drained) or a warm-up rollback. At the last two the journal already says how
+/// the update ended.
 pub const BLUE_GREEN_POINTS: &[&str] = &[
     "bluegreen-warming",
     "bluegreen-switched",
@@ -59,6 +60,12 @@ pub const HOLD_POINTS: &[&str] = &[
     "bluegreen-stop-standby",
     "bluegreen-promote",
 ];
+
+/// The blue-green points in the middle of an update's last step, which stops an instance
+/// after the journal says how the update ended (the commit's `Promote` of the old instance;
+/// the `StopStandby` of the new one after a switch back or a warm-up rollback): the stop
+/// crash matrix kills the agent at each.
+pub const STOP_POINTS: &[&str] = &["bluegreen-promote", "bluegreen-stop-standby"];
 
 #[cfg(feature = "fault-points")]
 mod imp {

@@ -549,7 +549,7 @@ pub fn step(ctx: &Ctx, state: State, input: Input, now: UnixMillis) -> (State, V
                     s.phase = Phase::Installing { job, slot };
                     actions.push(Action::Report);
                 }
-                Err(failure) => finish_failed(&mut s, &job, failure, now, &mut actions),
+                Err(failure) => finish_failed(&mut s, &job, failure, Vec::new(), now, &mut actions),
             }
         }
         Input::Installed { sequence, result } => {
@@ -577,11 +577,14 @@ pub fn step(ctx: &Ctx, state: State, input: Input, now: UnixMillis) -> (State, V
                     actions.push(Action::DiscardStaging);
                     prepare_update(ctx, &mut s, job, slot, now, &mut actions);
                 }
-                Err(failure) => {
-                    actions.push(Action::WipeSlot { slot });
-                    actions.push(Action::DiscardStaging);
-                    finish_failed(&mut s, &job, failure, now, &mut actions);
-                }
+                Err(failure) => finish_failed(
+                    &mut s,
+                    &job,
+                    failure,
+                    vec![Action::WipeSlot { slot }, Action::DiscardStaging],
+                    now,
+                    &mut actions,
+                ),
             }
         }
         Input::Swapped { sequence } => {
@@ -629,17 +632,19 @@ pub fn step(ctx: &Ctx, state: State, input: Input, now: UnixMillis) -> (State, V
                 Err(detail) => {
                     // The committed version was stopped for the snapshot: it runs again, on
                     // data nothing has touched; the complete install stays in standby.
-                    if let Some(active) = previous {
-                        actions.push(Action::StartApp {
+                    let mut then: Vec<Action> = previous
+                        .map(|active| Action::StartApp {
                             slot: active,
                             rollback: false,
-                        });
-                    }
-                    actions.push(Action::DropSnapshots);
+                        })
+                        .into_iter()
+                        .collect();
+                    then.push(Action::DropSnapshots);
                     finish_failed(
                         &mut s,
                         &job,
                         Failure::Snapshot { detail },
+                        then,
                         now,
                         &mut actions,
                     );
@@ -816,18 +821,20 @@ fn on_switched(
             to,
             reason,
         } if job.sequence == sequence => {
-            actions.push(Action::StopStandby { drain: false });
+            // The new instance stops once the rollback's events are queued.
             let problem = result.err().map(|e| {
                 format!("the traffic could not be switched back to the previous version: {e}; it runs, fix the switch (blue_green.command) and point the service at it")
             });
-            finish_rollback(ctx, s, &job, Some(to), reason, problem, now, actions);
+            let stop = vec![Action::StopStandby { drain: false }];
+            finish_rollback(ctx, s, &job, Some(to), reason, problem, stop, now, actions);
         }
         Phase::Returning { job, to, .. } if job.sequence == sequence => {
             // The new version's instance stops either way, as after `SwitchingBack`.
             let problem = result.err().map(|e| {
                 format!("the traffic could not be switched back to the previous version: {e}; it runs, fix the switch (blue_green.command) and point the service at it")
             });
-            finish_return(s, &job, to, problem, true, now, actions);
+            let stop = vec![Action::StopStandby { drain: true }];
+            finish_return(s, &job, to, problem, stop, now, actions);
         }
         _ => {}
     }
@@ -860,14 +867,15 @@ fn switch_to_warm(s: &mut State, job: Job, from: Slot, to: Slot, actions: &mut V
 
 /// Ends `Returning` on `to`: the coordinator's desired release runs, so the update is
 /// committed, unless the traffic could not be switched back (`problem`): then it failed as a
-/// rollback, with the message the operator needs. `stop_from`: the new version's instance
-/// still runs (not after an agent restart) and stops once its connections have finished.
+/// rollback, with the message the operator needs. `then`, after the events (see
+/// [`finish_rollback`]): the new version's instance stops once its connections have finished,
+/// or, after an agent restart, `to` starts.
 fn finish_return(
     s: &mut State,
     job: &Job,
     to: Slot,
     problem: Option<String>,
-    stop_from: bool,
+    then: Vec<Action>,
     now: UnixMillis,
     actions: &mut Vec<Action>,
 ) {
@@ -886,12 +894,9 @@ fn finish_return(
             actions.push(emit(job, EventKind::Failed { reason }));
         }
     }
-    // Design: the outcome's events before the stop. The journal already says how the update
-    // ended, and draining can take `blue_green.drain_timeout`: an agent killed meanwhile comes
-    // back idle and would never emit them (the hold crash matrix found this).
-    if stop_from {
-        actions.push(Action::StopStandby { drain: true });
-    }
+    // Design: the outcome's events before the stop, as in `finish_rollback` (the hold crash
+    // matrix found this).
+    actions.extend(then);
     go_idle(s, actions);
 }
 
@@ -1066,9 +1071,20 @@ fn on_probe(
                     actions.push(Action::Report);
                 }
                 Verdict::RollBack(reason) => {
-                    // The new version never had traffic: stopping it is the whole rollback.
-                    actions.push(Action::StopStandby { drain: false });
-                    finish_rollback(ctx, s, &job, Some(previous), reason, None, now, actions);
+                    // The new version never had traffic: stopping it (after the events) is the
+                    // whole rollback.
+                    let stop = vec![Action::StopStandby { drain: false }];
+                    finish_rollback(
+                        ctx,
+                        s,
+                        &job,
+                        Some(previous),
+                        reason,
+                        None,
+                        stop,
+                        now,
+                        actions,
+                    );
                 }
             }
         }
@@ -1100,17 +1116,19 @@ fn on_probe(
                     };
                 }
                 Verdict::Commit => {
+                    s.active = Some(slot);
+                    s.applied_sequence = s.applied_sequence.max(job.sequence);
+                    s.last_outcome = Some(outcome(&job, OutcomeKind::Committed, now));
+                    actions.push(emit(&job, EventKind::Committed { slot }));
                     if job.hold {
                         // The coordinator may still roll the wave back: the old instance
                         // stays as it is, without traffic (see `State::warm`).
                         s.warm = Some(previous);
                     } else {
+                        // After the event: draining can take `blue_green.drain_timeout` (see
+                        // `finish_rollback`).
                         actions.push(Action::Promote { slot });
                     }
-                    s.active = Some(slot);
-                    s.applied_sequence = s.applied_sequence.max(job.sequence);
-                    s.last_outcome = Some(outcome(&job, OutcomeKind::Committed, now));
-                    actions.push(emit(&job, EventKind::Committed { slot }));
                     go_idle(s, actions);
                 }
                 Verdict::RollBack(reason) => switch_back(s, job, slot, previous, reason, actions),
@@ -1135,7 +1153,7 @@ fn on_probe(
                     if version == v && matches!(status, fleet_proto::device::AppStatus::Healthy | fleet_proto::device::AppStatus::Degraded)
             );
             if restored_ok {
-                finish_rollback(ctx, s, &job, to, reason, data_problem, now, actions);
+                finish_rollback(ctx, s, &job, to, reason, data_problem, vec![], now, actions);
             } else if now >= deadline {
                 let mut detail = format!(
                     "no healthy answer from the previous version before the deadline (last: {:?})",
@@ -1144,7 +1162,7 @@ fn on_probe(
                 if let Some(p) = data_problem {
                     detail = format!("{p}; {detail}");
                 }
-                finish_rollback(ctx, s, &job, to, reason, Some(detail), now, actions);
+                finish_rollback(ctx, s, &job, to, reason, Some(detail), vec![], now, actions);
             }
         }
         _ => {}
@@ -1197,28 +1215,45 @@ fn swap_back(
 ) {
     let to = to.filter(|t| s.slot(*t).is_some());
     actions.push(Action::Swap { to });
-    match to {
-        Some(slot) => actions.push(Action::StartApp {
-            slot,
-            rollback: true,
-        }),
-        None => actions.push(Action::StopApp),
-    }
+    let Some(slot) = to else {
+        // Nothing to go back to: the rollback is complete once the app is stopped, which
+        // happens after its events.
+        let stop = vec![Action::StopApp];
+        finish_rollback(
+            ctx,
+            s,
+            &job,
+            None,
+            reason,
+            restore_problem,
+            stop,
+            now,
+            actions,
+        );
+        return;
+    };
+    actions.push(Action::StartApp {
+        slot,
+        rollback: true,
+    });
     s.phase = Phase::RollingBack {
-        job: job.clone(),
+        job,
         from,
         to,
-        reason: reason.clone(),
+        reason,
         deadline: now.saturating_add(ctx.restore_timeout),
-        restore_problem: restore_problem.clone(),
+        restore_problem,
     };
     actions.push(Action::Report);
-    if to.is_none() {
-        // Nothing to restore: the rollback is complete once the app is stopped.
-        finish_rollback(ctx, s, &job, None, reason, restore_problem, now, actions);
-    }
 }
 
+/// Ends the update as rolled back to `to`. `then`: the instance to stop (or the previous
+/// version to start again after an agent restart) once the outcome's events are queued.
+///
+/// Design: an update's last step journals how it ended before any of its actions run, and
+/// stopping an instance can take `app.stop_grace` or `blue_green.drain_timeout` (starting one,
+/// the switch command's `command_timeout`): an agent killed meanwhile comes back idle and would
+/// never emit the events, so they go first (the crash matrices kill it there).
 #[allow(clippy::too_many_arguments)]
 fn finish_rollback(
     ctx: &Ctx,
@@ -1227,6 +1262,7 @@ fn finish_rollback(
     to: Option<Slot>,
     reason: RollbackReason,
     restore_problem: Option<String>,
+    then: Vec<Action>,
     now: UnixMillis,
     actions: &mut Vec<Action>,
 ) {
@@ -1247,6 +1283,7 @@ fn finish_rollback(
             },
         ));
     }
+    actions.extend(then);
     // Design: a snapshot that could not be put back (or whose version did not come back) is
     // left for a human until the next update replaces it; a good rollback drops it.
     if needs_snapshot(ctx, job) && !keep_snapshot {
@@ -1294,16 +1331,20 @@ fn outcome(job: &Job, result: OutcomeKind, now: UnixMillis) -> Outcome {
     }
 }
 
+/// Ends the update as failed; `then`: what the failure leaves to clean up or restart, done
+/// after the event is queued (see [`finish_rollback`]).
 fn finish_failed(
     s: &mut State,
     job: &Job,
     failure: Failure,
+    then: Vec<Action>,
     now: UnixMillis,
     actions: &mut Vec<Action>,
 ) {
     s.applied_sequence = s.applied_sequence.max(job.sequence);
     s.last_outcome = Some(outcome(job, OutcomeKind::Failed(failure.clone()), now));
     actions.push(emit(job, EventKind::Failed { reason: failure }));
+    actions.extend(then);
     go_idle(s, actions);
 }
 
@@ -1353,16 +1394,12 @@ fn on_desired(
     let digest = signed.digest();
     // Blue-green hold: only the release running now with `hold` again keeps the previous
     // version warm, and only its own release can go back to it (`Returning`, admitted below
-    // like any release); anything else stops it before it is handled as from `Idle`.
+    // like any release); anything else stops it before it is handled as from `Idle` (a
+    // refusal: once its event is queued, see `finish_rollback`).
     let holds = |c: Option<&SlotContent>| c.is_some_and(|c| c.installed.digest == digest);
     let returning = s.warm.is_some_and(|w| holds(s.slot(w)));
     let held_again = desired.hold && holds(s.active.and_then(|a| s.slot(a)));
-    if !(returning || held_again) {
-        stop_warm(s, actions);
-    }
     let refuse = |s: &mut State, actions: &mut Vec<Action>, version: String, reason: Refusal| {
-        // A warm version the device may not go back to is of no use.
-        stop_warm(s, actions);
         s.applied_sequence = sequence;
         s.last_outcome = Some(Outcome {
             rollout: desired.rollout.clone(),
@@ -1377,13 +1414,18 @@ fn on_desired(
             version,
             kind: EventKind::Refused { reason },
         });
+        // A warm version the device may not go back to is of no use.
+        stop_warm(s, actions);
         actions.push(Action::Report);
     };
-    // Already running it: nothing to do.
+    // Already running it: nothing to do (but stop a warm version unless held again).
     if s.active
         .and_then(|a| s.slot(a))
         .is_some_and(|c| c.installed.digest == digest)
     {
+        if !held_again {
+            stop_warm(s, actions);
+        }
         s.applied_sequence = sequence;
         actions.push(Action::Report);
         return;
@@ -1476,6 +1518,9 @@ fn on_desired(
             return;
         }
     }
+    if !returning {
+        stop_warm(s, actions);
+    }
     let job = Job {
         sequence,
         rollout: desired.rollout.clone(),
@@ -1564,6 +1609,7 @@ fn on_trust(ctx: &Ctx, s: &mut State, chain: &TrustChain, actions: &mut Vec<Acti
 /// | `Idle` with a warm previous version (blue-green `hold`) | both instances died with the agent: as `Idle` (the committed version starts), nothing is warm any more; a rollback the coordinator asks for later takes the ordinary path |
 /// | `Returning` | both instances died with the agent, whether or not the traffic and the link had moved: link to the release the coordinator asked for (the warm one) and start it (it takes the traffic); committed |
 /// | `Idle` at the end of a return or of a hold, the other instance not stopped yet | both instances died with the agent: as `Idle`, only the release the coordinator asked for starts |
+/// | `Idle` at the end of a blue-green commit, switch back or warm-up rollback, the old (commit) or new (rollback) instance not stopped yet | both instances died with the agent: as `Idle`, only the version the outcome names starts; the outcome's events were queued before the stop |
 ///
 /// In every case the highest accepted counter is kept as it is.
 fn resolve(
@@ -1701,8 +1747,9 @@ fn resolve(
             // the traffic goes nowhere: the committed version comes back first (starting the
             // app points the traffic at it), and the new one must prove itself again beside it
             // before it gets any traffic.
-            restart_previous(s, link, previous, actions);
+            let restart = restart_previous(s, link, previous);
             if attempts_left > 1 {
+                actions.extend(restart);
                 start_warming(s, job, slot, previous, attempts_left - 1, now, actions);
             } else {
                 finish_rollback(
@@ -1712,6 +1759,7 @@ fn resolve(
                     Some(previous),
                     RollbackReason::AgentRestarted,
                     None,
+                    restart,
                     now,
                     actions,
                 );
@@ -1720,20 +1768,21 @@ fn resolve(
         Phase::SwitchingBack {
             job, to, reason, ..
         } => {
-            restart_previous(s, link, to, actions);
-            finish_rollback(ctx, s, &job, Some(to), reason, None, now, actions);
+            let restart = restart_previous(s, link, to);
+            finish_rollback(ctx, s, &job, Some(to), reason, None, restart, now, actions);
         }
         Phase::Returning { job, to, .. } => {
             // The coordinator asked for `to`; both instances died with the agent: it starts on
             // its own, which points the traffic at it.
-            restart_previous(s, link, to, actions);
-            finish_return(s, &job, to, None, false, now, actions);
+            let restart = restart_previous(s, link, to);
+            finish_return(s, &job, to, None, restart, now, actions);
         }
     }
 }
 
 /// Blue-green after a restart: the `active` link back on `previous` and its app started.
-fn restart_previous(s: &State, link: Option<Slot>, previous: Slot, actions: &mut Vec<Action>) {
+fn restart_previous(s: &State, link: Option<Slot>, previous: Slot) -> Vec<Action> {
+    let mut actions = Vec::new();
     if link != Some(previous) {
         actions.push(Action::Swap { to: Some(previous) });
     }
@@ -1743,6 +1792,7 @@ fn restart_previous(s: &State, link: Option<Slot>, previous: Slot, actions: &mut
             rollback: false,
         });
     }
+    actions
 }
 
 /// Before an update reaches its swap the committed version keeps running.

@@ -688,10 +688,11 @@ fn failed_install_wipes_the_standby_and_a_first_install_rolls_back_to_nothing() 
                 }),
             },
             UpdatePhase::Idle,
+            // The outcome's event first: the journal says idle before the wipe starts.
             &[
+                "E:Failed(post-install hook failed: exit 1)",
                 "Wipe(slot-b)",
                 "DiscardStaging",
-                "E:Failed(post-install hook failed: exit 1)",
             ],
         )],
     );
@@ -715,8 +716,8 @@ fn failed_install_wipes_the_standby_and_a_first_install_rolls_back_to_nothing() 
             UpdatePhase::Idle,
             &[
                 "Swap(none)",
-                "Stop",
                 "E:RolledBack(the new version exited at start (exit status Some(3)))",
+                "Stop",
             ],
         )],
     );
@@ -888,9 +889,9 @@ fn a_snapshot_that_fails_ends_the_update_on_the_running_version() {
             },
             UpdatePhase::Idle,
             &[
+                "E:Failed(cannot prepare the rollback (data snapshot, rollback image): not enough free space)",
                 "Start(slot-a)",
                 "DropSnapshots",
-                "E:Failed(cannot prepare the rollback (data snapshot, rollback image): not enough free space)",
             ],
         )],
     );
@@ -1357,6 +1358,39 @@ mod properties {
                     actions
                 );
             }
+            // A step that ends idle has journaled how the update ended: its events are queued
+            // before anything that stops, drains, starts, switches or wipes, which can take
+            // long (an agent killed there comes back idle and never emits them). At boot the
+            // slots the journal does not vouch for are wiped first; where that boot ends an
+            // update (a first install's trial, no attempts left) the slot was never written.
+            if matches!(next.phase, Phase::Idle) {
+                let slow = actions.iter().position(|a| match a {
+                    Action::WipeSlot { .. } => !matches!(op, Op::Boot { .. }),
+                    _ => matches!(
+                        a,
+                        Action::Promote { .. }
+                            | Action::StopStandby { .. }
+                            | Action::StopApp
+                            | Action::StartApp { .. }
+                            | Action::StartStandby { .. }
+                            | Action::SwitchTraffic { .. }
+                            | Action::Snapshot { .. }
+                            | Action::Restore { .. }
+                    ),
+                });
+                if let Some(i) = slow {
+                    prop_assert!(
+                        !actions[i..]
+                            .iter()
+                            .any(|a| matches!(a, Action::Emit { .. })),
+                        "an event after {:?} ({:?} from {:?}): {:?}",
+                        actions[i],
+                        op,
+                        before.phase.wire(),
+                        actions.iter().map(name).collect::<Vec<_>>()
+                    );
+                }
+            }
             // `Promote` stops an old instance only where one runs beside the new one.
             if actions.iter().any(|a| matches!(a, Action::Promote { .. })) {
                 prop_assert!(
@@ -1528,7 +1562,9 @@ fn blue_green_switches_after_warming_up_and_stops_the_old_one_at_the_commit() {
             2,
             "2.0",
             UpdatePhase::Idle,
-            &["Promote(slot-b)", "E:Committed"],
+            // The event before the old instance drains and stops (`blue_green.drain_timeout`):
+            // the journal already says committed.
+            &["E:Committed", "Promote(slot-b)"],
         ),
     );
     assert_eq!(s.active, Some(Slot::B));
@@ -1547,9 +1583,10 @@ fn blue_green_rollbacks_never_restart_the_old_version() {
         vec![(
             probe(2, sample("9.9", AppStatus::Healthy)),
             UpdatePhase::Idle,
+            // As everywhere, the outcome's events before the stop.
             &[
-                "StopBeside",
                 "E:RolledBack(health endpoint reported version 9.9, expected 2.0)",
+                "StopBeside",
             ],
         )],
     );
@@ -1573,8 +1610,8 @@ fn blue_green_rollbacks_never_restart_the_old_version() {
                 switched(2, Ok(())),
                 UpdatePhase::Idle,
                 &[
-                    "StopBeside",
                     "E:RolledBack(health endpoint reported Unhealthy)",
+                    "StopBeside",
                 ],
             ),
         ],
@@ -1594,9 +1631,9 @@ fn blue_green_rollbacks_never_restart_the_old_version() {
                 switched(2, Err("exit 1")),
                 UpdatePhase::Idle,
                 &[
-                    "StopBeside",
                     "E:RolledBack(the traffic switch to the new version failed: exit 1)",
                     "E:Failed(rollback failed: the traffic could not be switched back to the previous version: exit 1; it runs, fix the switch (blue_green.command) and point the service at it)",
+                    "StopBeside",
                 ],
             ),
         ],
@@ -1664,9 +1701,10 @@ fn blue_green_resolves_on_restart() {
         vec![(
             boot(Slot::A),
             UpdatePhase::Idle,
+            // The events before the restart (the switch command can take long).
             &[
-                "Start(slot-a)",
                 "E:RolledBack(the agent restarted during the trial and no attempts were left)",
+                "Start(slot-a)",
             ],
         )],
     );
@@ -1707,9 +1745,9 @@ fn blue_green_resolves_on_restart() {
             boot(Slot::B),
             UpdatePhase::Idle,
             &[
+                "E:RolledBack(health endpoint reported version 7.0, expected 2.0)",
                 "Swap(slot-a)",
                 "Start(slot-a)",
-                "E:RolledBack(health endpoint reported version 7.0, expected 2.0)",
             ],
         )],
     );

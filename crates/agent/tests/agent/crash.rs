@@ -8,6 +8,9 @@
 //! old version kept warm beside it): the agent is killed at each point of what the
 //! coordinator's decision sets off (the switch back to the warm version, or the `Promote` that
 //! stops it), and the device must end running the release the coordinator asked for, alone.
+//! The stop matrix kills it while a blue-green update without hold stops an instance at its
+//! end (the old one at the commit, the new one after a switch back or a warm-up rollback):
+//! the device must end on the release the outcome says, alone, the outcome's event sent once.
 #![cfg(feature = "fault-points")]
 
 use std::collections::{BTreeMap, VecDeque};
@@ -16,10 +19,10 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use fleet_agent::fault::{BLUE_GREEN_POINTS, HOLD_POINTS, POINTS};
+use fleet_agent::fault::{BLUE_GREEN_POINTS, HOLD_POINTS, POINTS, STOP_POINTS};
 use fleet_agent::machine::{Phase, State};
 use fleet_proto::SignedRelease;
-use fleet_proto::device::{Desired, OutcomeKind, Slot, UpdatePhase};
+use fleet_proto::device::{Desired, EventKind, OutcomeKind, RollbackReason, Slot, UpdatePhase};
 use fleet_proto::release::{Release, RollbackTo, StrategyKind};
 
 use crate::bluegreen::{bg_device, held, start};
@@ -349,6 +352,206 @@ fn run_matrix<R: Sync>(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Blue-green: what both blue-green matrices share. The device runs 1.0.0 committed in slot A
+// (port A) behind the agent's forwarder; the agent is killed at a fault point, restarted, and
+// must end on one instance of the right release with every event of the update delivered.
+
+/// A device with 1.0.0 committed in slot A the ordinary way, its agent stopped; 1.0.0's
+/// version and signed release.
+fn committed_v1(name: &str) -> (Device, Version, SignedRelease) {
+    let base = Device::new(name, broker());
+    let obs = Observer::new(base.broker_port, &base.id);
+    let mut agent = Agent::start(&base, &[]);
+    let v1 = version("1.0.0", &[]);
+    let s1 = matrix_release(base.dir.path(), 1, &v1);
+    obs.publish_desired(&desired(&base.id, 1, Some(s1.clone()), 0));
+    wait_until("1.0.0 committed", PATIENCE, || base.idle_at(1));
+    base.wait_serving("1.0.0");
+    agent.kill();
+    wait_port_free(base.app_port);
+    (base, v1, s1)
+}
+
+/// A blue-green release of `v` with the matrices' short trial.
+fn blue_green_unsigned(dir: &Path, counter: u64, v: &Version) -> Release {
+    let mut r = matrix_unsigned(dir, counter, v);
+    r.strategy.kind = StrategyKind::BlueGreen;
+    r
+}
+
+/// How a run ends, wherever the agent was killed.
+struct Ending {
+    /// The desired state the run is about.
+    sequence: u64,
+    /// The only version running, from this slot, which the `active` link points to.
+    version: &'static str,
+    slot: Slot,
+    /// The reported last outcome: its sequence, version and result.
+    outcome: (u64, &'static str, OutcomeKind),
+    highest_counter: u64,
+    /// The version remembered as failed, if any.
+    failed: Option<&'static str>,
+    /// The kinds of `sequence`'s events, in order (repeats of one kind counted once; the
+    /// outcome's own event must come exactly once).
+    events: &'static [&'static str],
+}
+
+/// The device's app instances as (version, port), by version.
+fn running(dev: &Device) -> Vec<(String, u16)> {
+    let mut v: Vec<(String, u16)> = instances_of(dev)
+        .into_iter()
+        .map(|i| (i.version, i.port))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Waits until the agent died at its fault point, or carried `end` out without reaching it
+/// (idle at its sequence, only `alone` running); after a kill, restarts it (with `env`) once
+/// its instances died with it. Whether it was killed, and the restarted agent.
+fn killed_then_restarted(
+    dev: &Device,
+    agent: &mut Agent,
+    env: &[(String, String)],
+    end: &Ending,
+    alone: &[(String, u16)],
+) -> Result<(bool, Option<Agent>), String> {
+    let exited = wait_until_opt(|| {
+        let ended = dev.idle_at(end.sequence).is_some() && running(dev) == alone;
+        // Asked after looking: an agent alive now was alive when the instances were counted.
+        match agent.child.try_wait().unwrap() {
+            Some(status) => Some(Some(status)),
+            None => ended.then_some(None),
+        }
+    })
+    .ok_or_else(|| {
+        format!(
+            "neither killed nor done; journal {:?}, instances {:?}",
+            dev.journal().map(|s| s.phase.wire()),
+            running(dev)
+        )
+    })?;
+    match exited {
+        Some(status) if status.signal() == Some(9) => {
+            // Both instances die with the agent (PR_SET_PDEATHSIG).
+            wait_until_opt(|| running(dev).is_empty().then_some(()))
+                .ok_or_else(|| format!("instances outlived the agent: {:?}", running(dev)))?;
+            wait_port_free(dev.app_port);
+            Ok((true, Some(start(dev, env))))
+        }
+        Some(status) => Err(format!("the agent exited: {status}")),
+        None => Ok((false, None)),
+    }
+}
+
+/// What an operator needs at the end, killed or not: the release that should run runs alone
+/// from the active slot and serves, the journal is idle on it with nothing warm, the reported
+/// state and the events say so, the outcome's event delivered exactly once.
+fn check_ending(
+    versions: &BTreeMap<String, Version>,
+    dev: &Device,
+    obs: &Observer,
+    end: &Ending,
+    alone: &[(String, u16)],
+) -> Result<(), String> {
+    let sequence = end.sequence;
+    wait_until_opt(|| dev.idle_at(sequence)).ok_or_else(|| {
+        format!(
+            "never converged; journal {:?}",
+            dev.journal().map(|s| s.phase.wire())
+        )
+    })?;
+    // A restart journals the end of an update before it moves the link and starts the app:
+    // once the app runs, the link has moved.
+    wait_until_opt(|| (running(dev) == alone).then_some(()))
+        .ok_or_else(|| format!("instances {:?}, want only {alone:?}", running(dev)))?;
+    let state = dev.journal().ok_or("no journal")?;
+    let active = check_idle_and_complete(versions, dev, &state)?;
+    if active != end.slot || state.warm.is_some() {
+        return Err(format!(
+            "journal: active {active}, warm {:?}; want active {}, nothing warm",
+            state.warm, end.slot
+        ));
+    }
+    let failed: Vec<&str> = state.failed.iter().map(|f| f.version.as_str()).collect();
+    if failed != Vec::from_iter(end.failed) {
+        return Err(format!(
+            "remembered as failed: {failed:?}, want {:?}",
+            end.failed
+        ));
+    }
+    wait_until_opt(|| (dev.app_version().as_deref() == Some(end.version)).then_some(()))
+        .ok_or_else(|| format!("the service port does not serve {}", end.version))?;
+    // What the coordinator sees: the latest reported state.
+    let reported = wait_until_opt(|| {
+        let seen = obs.seen.lock().unwrap();
+        seen.states
+            .last()
+            .filter(|r| r.applied_sequence >= sequence && r.phase == UpdatePhase::Idle)
+            .cloned()
+    })
+    .ok_or_else(|| format!("no idle state reported at sequence {sequence}"))?;
+    let outcome = reported
+        .last_outcome
+        .as_ref()
+        .map(|o| (o.sequence, o.version.as_str(), &o.result));
+    let (o_sequence, o_version, o_result) = &end.outcome;
+    let reported_active = reported.active.as_ref().map(|i| i.version.as_str());
+    if reported.applied_sequence != sequence
+        || reported_active != Some(end.version)
+        || outcome != Some((*o_sequence, *o_version, o_result))
+        || reported.highest_counter != end.highest_counter
+    {
+        return Err(format!(
+            "reported: applied {}, active {reported_active:?}, outcome {outcome:?}, highest counter {}",
+            reported.applied_sequence, reported.highest_counter
+        ));
+    }
+    check_events_delivered(dev, obs)?;
+    let mut by_seq = BTreeMap::new();
+    for e in obs.events().into_iter().filter(|e| e.sequence == sequence) {
+        by_seq.insert(e.seq, e.kind);
+    }
+    let mut events: Vec<String> = by_seq.values().map(kind_name).collect();
+    events.dedup();
+    if events != end.events {
+        return Err(format!(
+            "sequence {sequence}'s events {events:?}, want {:?}",
+            end.events
+        ));
+    }
+    // The outcome's own event, once (a repeat would be a second emission: the outbox's
+    // re-sends keep their seq).
+    if *o_sequence == sequence {
+        let outcomes: Vec<&EventKind> = by_seq
+            .values()
+            .filter(|k| {
+                matches!(
+                    k,
+                    EventKind::Committed { .. }
+                        | EventKind::RolledBack { .. }
+                        | EventKind::Failed { .. }
+                        | EventKind::Refused { .. }
+                )
+            })
+            .collect();
+        let right = match (o_result, outcomes.as_slice()) {
+            (OutcomeKind::Committed, [EventKind::Committed { slot }]) => *slot == end.slot,
+            (OutcomeKind::RolledBack(want), [EventKind::RolledBack { reason, restored }]) => {
+                reason == want && restored.as_deref() == Some(end.version)
+            }
+            _ => false,
+        };
+        if !right {
+            return Err(format!(
+                "sequence {sequence}'s outcome events {outcomes:?}, want one for {o_result:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // Blue-green hold: 2.0.0 committed with 1.0.0 kept warm beside it; then the coordinator decides,
 // and the agent is killed at each point of what the decision sets off.
 
@@ -389,18 +592,6 @@ struct HoldFixture {
     versions: BTreeMap<String, Version>,
 }
 
-/// How a decision ends, wherever the agent was killed.
-struct Ending {
-    /// The only version running, from this slot, which the `active` link points to.
-    version: &'static str,
-    slot: Slot,
-    /// The reported last outcome: committed, at this sequence.
-    outcome_sequence: u64,
-    highest_counter: u64,
-    /// The kinds of sequence 3's events, in order (repeats of one kind counted once).
-    events: &'static [&'static str],
-}
-
 impl Decision {
     fn desired(self, fx: &HoldFixture, dev: &Device) -> Desired {
         let release = match self {
@@ -415,39 +606,35 @@ impl Decision {
         match self {
             // Committed on the version that was kept warm: nothing downloaded or installed.
             Decision::RollBack => Ending {
+                sequence: 3,
                 version: "1.0.0",
                 slot: Slot::A,
-                outcome_sequence: 3,
+                outcome: (3, "1.0.0", OutcomeKind::Committed),
                 highest_counter: 2,
+                failed: None,
                 events: &["Verified", "Swapped", "Committed"],
             },
             // Nothing to do but stop 1.0.0: no event, the outcome stays 2.0.0's commit.
             Decision::Confirm => Ending {
+                sequence: 3,
                 version: "2.0.0",
                 slot: Slot::B,
-                outcome_sequence: 2,
+                outcome: (2, "2.0.0", OutcomeKind::Committed),
                 highest_counter: 2,
+                failed: None,
                 events: &[],
             },
             Decision::Replace => Ending {
+                sequence: 3,
                 version: "3.0.0",
                 slot: Slot::A,
-                outcome_sequence: 3,
+                outcome: (3, "3.0.0", OutcomeKind::Committed),
                 highest_counter: 3,
+                failed: None,
                 events: ORDINARY_UPDATE_EVENTS,
             },
         }
     }
-}
-
-/// The device's app instances as (version, port), by version.
-fn running(dev: &Device) -> Vec<(String, u16)> {
-    let mut v: Vec<(String, u16)> = instances_of(dev)
-        .into_iter()
-        .map(|i| (i.version, i.port))
-        .collect();
-    v.sort();
-    v
 }
 
 /// Whether the agent died at the point, and the version the device ended on.
@@ -488,112 +675,11 @@ fn hold_run(
     obs.publish_desired(&decision.desired(fx, &dev));
     let end = decision.ending();
     let alone = vec![(end.version.to_string(), port(end.slot))];
-    // Either the agent dies at the point, or the decision is carried out without reaching it
-    // (every point here comes before the instance it is about to stop has stopped).
-    let exited = wait_until_opt(|| {
-        let ended = dev.idle_at(3).is_some() && running(&dev) == alone;
-        // Asked after looking: an agent alive now was alive when the instances were counted.
-        match agent.child.try_wait().unwrap() {
-            Some(status) => Some(Some(status)),
-            None => ended.then_some(None),
-        }
-    })
-    .ok_or_else(|| {
-        format!(
-            "neither killed nor done; journal {:?}, instances {:?}",
-            dev.journal().map(|s| s.phase.wire()),
-            running(&dev)
-        )
-    })?;
-    let hit = match exited {
-        Some(status) if status.signal() == Some(9) => true,
-        Some(status) => return Err(format!("the agent exited: {status}")),
-        None => false,
-    };
-    let _restarted;
-    if hit {
-        // Both instances die with the agent (PR_SET_PDEATHSIG).
-        wait_until_opt(|| running(&dev).is_empty().then_some(()))
-            .ok_or_else(|| format!("instances outlived the agent: {:?}", running(&dev)))?;
-        wait_port_free(dev.app_port);
-        _restarted = start(&dev, &env);
-    }
-    check_hold(fx, &dev, &obs, &end, &alone)?;
+    // Every point here comes before the instance it is about to stop has stopped.
+    let (hit, _restarted) = killed_then_restarted(&dev, &mut agent, &env, &end, &alone)?;
+    check_ending(&fx.versions, &dev, &obs, &end, &alone)?;
     drop(agent);
     Ok((hit, end.version.to_string()))
-}
-
-/// What an operator needs after the decision, killed or not: the release the coordinator
-/// asked for runs alone from the active slot and serves, the journal is idle on it with
-/// nothing warm, the reported state and the events say so.
-fn check_hold(
-    fx: &HoldFixture,
-    dev: &Device,
-    obs: &Observer,
-    end: &Ending,
-    alone: &[(String, u16)],
-) -> Result<(), String> {
-    wait_until_opt(|| dev.idle_at(3)).ok_or_else(|| {
-        format!(
-            "never converged; journal {:?}",
-            dev.journal().map(|s| s.phase.wire())
-        )
-    })?;
-    // A restart journals the end of a return before it moves the link and starts the app:
-    // once the app runs, the link has moved.
-    wait_until_opt(|| (running(dev) == alone).then_some(()))
-        .ok_or_else(|| format!("instances {:?}, want only {alone:?}", running(dev)))?;
-    let state = dev.journal().ok_or("no journal")?;
-    let active = check_idle_and_complete(&fx.versions, dev, &state)?;
-    if active != end.slot || state.warm.is_some() {
-        return Err(format!(
-            "journal: active {active}, warm {:?}; want active {}, nothing warm",
-            state.warm, end.slot
-        ));
-    }
-    if !state.failed.is_empty() {
-        return Err(format!("remembered as failed: {:?}", state.failed));
-    }
-    wait_until_opt(|| (dev.app_version().as_deref() == Some(end.version)).then_some(()))
-        .ok_or_else(|| format!("the service port does not serve {}", end.version))?;
-    // What the coordinator sees: the latest reported state.
-    let reported = wait_until_opt(|| {
-        let seen = obs.seen.lock().unwrap();
-        seen.states
-            .last()
-            .filter(|r| r.applied_sequence >= 3 && r.phase == UpdatePhase::Idle)
-            .cloned()
-    })
-    .ok_or("no idle state reported at sequence 3")?;
-    let outcome = reported
-        .last_outcome
-        .as_ref()
-        .map(|o| (o.sequence, o.version.as_str(), &o.result));
-    let reported_active = reported.active.as_ref().map(|i| i.version.as_str());
-    if reported.applied_sequence != 3
-        || reported_active != Some(end.version)
-        || outcome != Some((end.outcome_sequence, end.version, &OutcomeKind::Committed))
-        || reported.highest_counter != end.highest_counter
-    {
-        return Err(format!(
-            "reported: applied {}, active {reported_active:?}, outcome {outcome:?}, highest counter {}",
-            reported.applied_sequence, reported.highest_counter
-        ));
-    }
-    check_events_delivered(dev, obs)?;
-    let mut by_seq = BTreeMap::new();
-    for e in obs.events().into_iter().filter(|e| e.sequence == 3) {
-        by_seq.insert(e.seq, kind_name(&e.kind));
-    }
-    let mut events: Vec<String> = by_seq.into_values().collect();
-    events.dedup();
-    if events != end.events {
-        return Err(format!(
-            "sequence 3's events {events:?}, want {:?}",
-            end.events
-        ));
-    }
-    Ok(())
 }
 
 #[test]
@@ -602,19 +688,9 @@ fn kill_during_a_blue_green_hold_then_restart() {
         assert!(BLUE_GREEN_POINTS.contains(p), "{p}");
         assert!(HOLD_ROWS.iter().any(|(r, _)| r == p), "{p} has no row");
     }
-    let base = Device::new("hold-base", broker());
-    let obs = Observer::new(base.broker_port, &base.id);
-    let mut agent = Agent::start(&base, &[]);
-    let v1 = version("1.0.0", &[]);
-    let s1 = matrix_release(base.dir.path(), 1, &v1);
-    obs.publish_desired(&desired(&base.id, 1, Some(s1.clone()), 0));
-    wait_until("1.0.0 committed", PATIENCE, || base.idle_at(1));
-    base.wait_serving("1.0.0");
-    agent.kill();
-    wait_port_free(base.app_port);
+    let (base, v1, s1) = committed_v1("hold-base");
     let v2 = version("2.0.0", &[]);
-    let mut r2 = matrix_unsigned(base.dir.path(), 2, &v2);
-    r2.strategy.kind = StrategyKind::BlueGreen;
+    let mut r2 = blue_green_unsigned(base.dir.path(), 2, &v2);
     r2.rollback_to = Some(RollbackTo {
         counter: 1,
         version: "1.0.0".into(),
@@ -631,5 +707,196 @@ fn kill_during_a_blue_green_hold_then_restart() {
         HOLD_ROWS,
         |(p, d)| format!("{p} ({d:?})"),
         |(p, d), run| hold_run(&fx, p, *d, run),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blue-green without hold: the update's last step journals how it ended, then stops an
+// instance (the old one at the commit, the new one after a switch back or a warm-up
+// rollback), which can take up to `blue_green.drain_timeout`; the agent is killed there.
+
+/// How a blue-green update (sequence 2, from 1.0.0 in slot A) ends.
+#[derive(Clone, Copy, Debug)]
+enum BlueGreenEnd {
+    /// 2.0.0 proves itself under traffic: committed; 1.0.0 drains and stops (`Promote`).
+    Commit,
+    /// 2.0.1 stops answering once it has the traffic (the test SIGSTOPs it in `Proving`): the
+    /// traffic and the link go back to 1.0.0, then 2.0.1 stops (`StopStandby`).
+    SwitchBack,
+    /// 2.0.2 reports the wrong version while warming up: it stops (`StopStandby`); 1.0.0 kept
+    /// the traffic all along.
+    WarmUpRollback,
+}
+
+/// Each stop fault point under the ends that reach it.
+const STOP_ROWS: &[(&str, BlueGreenEnd)] = &[
+    // The journal Idle on 2.0.0, 1.0.0's instance drained but not stopped yet.
+    ("bluegreen-promote", BlueGreenEnd::Commit),
+    // The journal Idle on 1.0.0 (rolled back), 2.0.1's instance not stopped yet.
+    ("bluegreen-stop-standby", BlueGreenEnd::SwitchBack),
+    // The journal Idle on 1.0.0 (rolled back), 2.0.2's instance not stopped yet.
+    ("bluegreen-stop-standby", BlueGreenEnd::WarmUpRollback),
+];
+
+struct StopFixture {
+    /// 1.0.0 committed in slot A the ordinary way.
+    base: Device,
+    good: SignedRelease,
+    stalls: SignedRelease,
+    wrong: SignedRelease,
+    versions: BTreeMap<String, Version>,
+}
+
+/// The agent's trial rule (`trial.failures_allowed` in the test config).
+const FAILURES_ALLOWED: u32 = 3;
+
+impl BlueGreenEnd {
+    fn release(self, fx: &StopFixture) -> &SignedRelease {
+        match self {
+            BlueGreenEnd::Commit => &fx.good,
+            BlueGreenEnd::SwitchBack => &fx.stalls,
+            BlueGreenEnd::WarmUpRollback => &fx.wrong,
+        }
+    }
+
+    fn ending(self) -> Ending {
+        let rolled_back = |version: &'static str, reason: RollbackReason, events| Ending {
+            sequence: 2,
+            version: "1.0.0",
+            slot: Slot::A,
+            outcome: (2, version, OutcomeKind::RolledBack(reason)),
+            highest_counter: 2,
+            failed: Some(version),
+            events,
+        };
+        match self {
+            BlueGreenEnd::Commit => Ending {
+                sequence: 2,
+                version: "2.0.0",
+                slot: Slot::B,
+                outcome: (2, "2.0.0", OutcomeKind::Committed),
+                highest_counter: 2,
+                failed: None,
+                events: &[
+                    "DownloadStarted",
+                    "DownloadFinished",
+                    "Verified",
+                    "Installed",
+                    "TrialStarted",
+                    "Swapped",
+                    "Committed",
+                ],
+            },
+            BlueGreenEnd::SwitchBack => rolled_back(
+                "2.0.1",
+                RollbackReason::Unresponsive {
+                    failures: FAILURES_ALLOWED,
+                },
+                &[
+                    "DownloadStarted",
+                    "DownloadFinished",
+                    "Verified",
+                    "Installed",
+                    "TrialStarted",
+                    "Swapped",
+                    "RolledBack",
+                ],
+            ),
+            BlueGreenEnd::WarmUpRollback => rolled_back(
+                "2.0.2",
+                RollbackReason::WrongVersion {
+                    expected: "2.0.2".into(),
+                    reported: "0.0.0".into(),
+                },
+                &[
+                    "DownloadStarted",
+                    "DownloadFinished",
+                    "Verified",
+                    "Installed",
+                    "TrialStarted",
+                    "RolledBack",
+                ],
+            ),
+        }
+    }
+}
+
+/// Whether the agent died at the point, and the version the device ended on.
+fn stop_run(
+    fx: &StopFixture,
+    point: &str,
+    how: BlueGreenEnd,
+    run: u32,
+) -> Result<(bool, String), String> {
+    let (dev, env, port_a, port_b) = bg_device(&format!("bgstop-{run}"));
+    copy_device(&fx.base, &dev);
+    let obs = Observer::new(dev.broker_port, &dev.id);
+    let mut faulty = env.to_vec();
+    faulty.push(("FLEET_AGENT_FAULT".into(), format!("{point}@1")));
+    let mut agent = start(&dev, &faulty);
+    let old = vec![("1.0.0".to_string(), port_a)];
+    wait_until_opt(|| (running(&dev) == old).then_some(()))
+        .ok_or_else(|| format!("before the update: instances {:?}", running(&dev)))?;
+    obs.publish_desired(&desired(&dev.id, 2, Some(how.release(fx).clone()), 0));
+    if let BlueGreenEnd::SwitchBack = how {
+        // Under traffic (the journal says Proving), the new instance stops answering.
+        let pid = wait_until_opt(|| {
+            let proving = dev.journal().is_some_and(
+                |s| matches!(&s.phase, Phase::Proving { job, .. } if job.sequence == 2),
+            );
+            let new = instances_of(&dev)
+                .into_iter()
+                .find(|i| i.version == "2.0.1" && i.port == port_b);
+            new.filter(|_| proving).map(|i| i.pid)
+        })
+        .ok_or_else(|| {
+            format!(
+                "2.0.1 never under traffic; journal {:?}",
+                dev.journal().map(|s| s.phase.wire())
+            )
+        })?;
+        // SAFETY: kill(2) on the test's own grandchild.
+        unsafe {
+            libc::kill(pid, libc::SIGSTOP);
+        }
+    }
+    let end = how.ending();
+    let alone = vec![(
+        end.version.to_string(),
+        if end.slot == Slot::A { port_a } else { port_b },
+    )];
+    let (hit, _restarted) = killed_then_restarted(&dev, &mut agent, &env, &end, &alone)?;
+    check_ending(&fx.versions, &dev, &obs, &end, &alone)?;
+    drop(agent);
+    Ok((hit, end.version.to_string()))
+}
+
+#[test]
+fn kill_while_a_blue_green_update_stops_an_instance_then_restart() {
+    for p in STOP_POINTS {
+        assert!(BLUE_GREEN_POINTS.contains(p), "{p}");
+        assert!(STOP_ROWS.iter().any(|(r, _)| r == p), "{p} has no row");
+    }
+    let (base, v1, _) = committed_v1("bgstop-base");
+    let dir = base.dir.path();
+    let good = version("2.0.0", &[]);
+    let stalls = version("2.0.1", &[]);
+    // Long enough under traffic for the test to catch it there, and a deadline that leaves
+    // room for twice as many probes on a loaded machine.
+    let mut r_stalls = blue_green_unsigned(dir, 2, &stalls);
+    r_stalls.trial.good_probes = 10;
+    r_stalls.trial.deadline = Duration::from_secs(30);
+    let wrong = version("2.0.2", &["--report-version", "0.0.0"]);
+    let fx = StopFixture {
+        good: SignedRelease::sign(&blue_green_unsigned(dir, 2, &good), &key()),
+        stalls: SignedRelease::sign(&r_stalls, &key()),
+        wrong: SignedRelease::sign(&blue_green_unsigned(dir, 2, &wrong), &key()),
+        versions: by_version([v1, good, stalls, wrong]),
+        base,
+    };
+    run_matrix(
+        STOP_ROWS,
+        |(p, e)| format!("{p} ({e:?})"),
+        |(p, e), run| stop_run(&fx, p, *e, run),
     );
 }
